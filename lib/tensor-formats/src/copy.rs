@@ -1,0 +1,1 @@
+//! Strided-copy engine (in progress).

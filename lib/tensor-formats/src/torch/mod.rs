@@ -1,0 +1,1 @@
+//! torch .pt archives (in progress).

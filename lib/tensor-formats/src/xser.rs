@@ -1,0 +1,1 @@
+//! xser layouts (in progress).

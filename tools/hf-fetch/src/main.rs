@@ -1,0 +1,6 @@
+//! `hf-fetch`: not implemented yet. It refuses honestly rather than pretend.
+
+fn main() {
+    eprintln!("hf-fetch: not implemented yet (see README.md for the tools that are ready)");
+    std::process::exit(2);
+}

@@ -1,0 +1,6 @@
+//! `nx-shard`: not implemented yet. It refuses honestly rather than pretend.
+
+fn main() {
+    eprintln!("nx-shard: not implemented yet (see README.md for the tools that are ready)");
+    std::process::exit(2);
+}
