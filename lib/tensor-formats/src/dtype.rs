@@ -70,7 +70,9 @@ impl DType {
 
     /// Parses a safetensors dtype string; `None` for dtypes this suite does not carry.
     pub fn from_safetensors_name(name: &str) -> Option<DType> {
-        ALL_DTYPES.into_iter().find(|d| d.safetensors_name() == name)
+        ALL_DTYPES
+            .into_iter()
+            .find(|d| d.safetensors_name() == name)
     }
 
     /// The legacy torch storage class that tags this dtype in a `.pt` pickle (`"BFloat16Storage"`).
@@ -91,7 +93,9 @@ impl DType {
 
     /// Parses a torch storage class name (without the `torch.` module).
     pub fn from_torch_storage_class(name: &str) -> Option<DType> {
-        ALL_DTYPES.into_iter().find(|d| d.torch_storage_class() == name)
+        ALL_DTYPES
+            .into_iter()
+            .find(|d| d.torch_storage_class() == name)
     }
 
     /// The torch dtype attribute name (`torch.bfloat16` -> `"bfloat16"`).
@@ -199,7 +203,10 @@ mod tests {
     fn names_round_trip() {
         for d in ALL_DTYPES {
             assert_eq!(DType::from_safetensors_name(d.safetensors_name()), Some(d));
-            assert_eq!(DType::from_torch_storage_class(d.torch_storage_class()), Some(d));
+            assert_eq!(
+                DType::from_torch_storage_class(d.torch_storage_class()),
+                Some(d)
+            );
             assert_eq!(DType::from_torch_name(d.torch_name()), Some(d));
         }
         assert_eq!(DType::parse_user("fp32"), Some(DType::F32));

@@ -32,7 +32,10 @@ pub enum FormatError {
 impl FormatError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> FormatError {
-        FormatError::Io { path: path.into(), source }
+        FormatError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Prefixes the message with a context (file name, tensor name), keeping the variant.
@@ -41,8 +44,13 @@ impl FormatError {
             FormatError::Corrupt(m) => FormatError::Corrupt(format!("{ctx}: {m}")),
             FormatError::Unsupported(m) => FormatError::Unsupported(format!("{ctx}: {m}")),
             FormatError::Invalid(m) => FormatError::Invalid(format!("{ctx}: {m}")),
-            FormatError::Stream(e) => FormatError::Stream(std::io::Error::new(e.kind(), format!("{ctx}: {e}"))),
-            io @ FormatError::Io { .. } => io,
+            FormatError::Stream(e) => {
+                FormatError::Stream(std::io::Error::new(e.kind(), format!("{ctx}: {e}")))
+            }
+            FormatError::Io { path, source } => FormatError::Stream(std::io::Error::new(
+                source.kind(),
+                format!("{ctx}: {}: {source}", path.display()),
+            )),
         }
     }
 }

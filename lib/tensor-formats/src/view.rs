@@ -17,7 +17,11 @@ pub struct Layout {
 impl Layout {
     /// The row-major (C-contiguous) layout of `shape` at offset 0.
     pub fn contiguous(shape: &[usize]) -> Layout {
-        Layout { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 }
+        Layout {
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset: 0,
+        }
     }
 
     /// Number of elements.
@@ -44,7 +48,12 @@ impl Layout {
         }
         self.offset
             + 1
-            + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>()
+            + self
+                .shape
+                .iter()
+                .zip(&self.strides)
+                .map(|(&n, &s)| (n - 1) * s)
+                .sum::<usize>()
     }
 
     /// The sub-range `[start, start+len)` along `dim` (torch's `narrow`).

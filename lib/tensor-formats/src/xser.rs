@@ -1,1 +1,243 @@
-//! xser layouts (in progress).
+//! The xser layouts of torch_xla and NxD.
+//!
+//! * Converter form (`convert_checkpoints.py --save_xser`): a plain `.pt` with inline tensors plus an
+//!   **empty** `<file>.tensors/` directory.
+//! * Training-checkpoint form (NxD `save_checkpoint(use_xser=True)`): the `.pt` holds
+//!   `TensorReference(tid)` objects, each tensor lives in `<file>.tensors/tensor_<tid>.pt` (a bare tensor),
+//!   and `<file>.info.pt` maps tid to `{dtype, shape, expert_model_parallel}`.
+//!
+//! [`NxdFile`] reads either form (and plain files) into one list of named tensors.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::dtype::DType;
+use crate::error::{FormatError, Result};
+use crate::torch::pickle::{TensorValue, Value};
+use crate::torch::pickle_write::Pickler;
+use crate::torch::{write_archive, PtFile};
+use crate::view::TensorRef;
+
+/// `<file>.tensors`: the directory xser keeps beside a reference file.
+pub fn tensors_dir(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tensors");
+    PathBuf::from(s)
+}
+
+/// `<file>.tensors/tensor_<tid>.pt`.
+pub fn tensor_file(path: &Path, tid: usize) -> PathBuf {
+    tensors_dir(path).join(format!("tensor_{tid}.pt"))
+}
+
+/// `<file>.info.pt`: NxD's tensor-info file.
+pub fn info_file(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".info.pt");
+    PathBuf::from(s)
+}
+
+/// Classes whose instances stand for an out-of-line tensor.
+fn reference_tid(v: &Value) -> Option<usize> {
+    match v {
+        Value::Object { class, state } if class.ends_with("TensorReference") => state
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("tid"))
+            .and_then(|(_, v)| v.as_int())
+            .map(|t| t as usize),
+        _ => None,
+    }
+}
+
+/// A shard file in any of the three forms, with its referenced tensor files opened.
+pub struct NxdFile {
+    main: PtFile,
+    referenced: BTreeMap<usize, PtFile>,
+    /// Names in pickle order and where each tensor lives.
+    entries: Vec<(String, Location)>,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    Inline(TensorValue),
+    Referenced(usize),
+}
+
+impl NxdFile {
+    /// Opens a plain or xser shard. Referenced tensors are looked up in `<path>.tensors/`.
+    pub fn open(path: impl AsRef<Path>) -> Result<NxdFile> {
+        let path = path.as_ref();
+        let main = PtFile::open(path)?;
+        let mut entries = Vec::new();
+        collect(main.root(), String::new(), &mut entries);
+        let mut referenced = BTreeMap::new();
+        for (name, loc) in &entries {
+            if let Location::Referenced(tid) = loc {
+                let file = tensor_file(path, *tid);
+                let pt = PtFile::open(&file).map_err(|e| {
+                    e.context(format!("{}: tensor {name} (tid {tid})", path.display()))
+                })?;
+                if !matches!(pt.root(), Value::Tensor(_)) {
+                    return Err(FormatError::Corrupt(format!(
+                        "{}: does not hold a single tensor",
+                        file.display()
+                    )));
+                }
+                referenced.insert(*tid, pt);
+            }
+        }
+        Ok(NxdFile {
+            main,
+            referenced,
+            entries,
+        })
+    }
+
+    /// True if the file uses `TensorReference`s (the training-checkpoint form).
+    pub fn has_references(&self) -> bool {
+        !self.referenced.is_empty()
+    }
+
+    /// The main (reference or plain) file.
+    pub fn main(&self) -> &PtFile {
+        &self.main
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Every tensor with its name, as zero-copy views, in file order.
+    pub fn tensors(&self) -> Result<Vec<(&str, TensorRef<'_>)>> {
+        self.entries
+            .iter()
+            .map(|(name, loc)| {
+                let view = match loc {
+                    Location::Inline(t) => self.main.tensor(t)?,
+                    Location::Referenced(tid) => {
+                        let pt = &self.referenced[tid];
+                        let Value::Tensor(t) = pt.root() else {
+                            unreachable!("checked at open")
+                        };
+                        pt.tensor(t)?
+                    }
+                };
+                Ok((name.as_str(), view))
+            })
+            .collect()
+    }
+}
+
+fn collect(v: &Value, prefix: String, out: &mut Vec<(String, Location)>) {
+    if let Some(tid) = reference_tid(v) {
+        out.push((prefix, Location::Referenced(tid)));
+        return;
+    }
+    match v {
+        Value::Tensor(t) => out.push((prefix, Location::Inline(t.clone()))),
+        Value::Dict(items) => {
+            for (k, v) in items {
+                let key = match k {
+                    Value::Str(s) => s.clone(),
+                    Value::Int(i) => i.to_string(),
+                    _ => continue,
+                };
+                let name = if prefix.is_empty() {
+                    key
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                collect(v, name, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Writes an xser reference file: `{name: TensorReference(i)}` for the i-th name.
+pub fn write_reference_file<W: Write>(out: W, archive: &str, names: &[String]) -> Result<W> {
+    let mut p = Pickler::new();
+    p.dict(names.len(), |p, i| {
+        p.str(&names[i]);
+        p.tensor_reference(i);
+    });
+    write_archive(out, archive, &p.finish(), &[], |_, _| Ok(()))
+}
+
+/// Writes NxD's `.info.pt`: `{tid: {'dtype', 'shape', 'expert_model_parallel': False}}` in tid order.
+pub fn write_info_file<W: Write>(
+    out: W,
+    archive: &str,
+    infos: &[(DType, Vec<usize>)],
+) -> Result<W> {
+    let mut p = Pickler::new();
+    p.dict(infos.len(), |p, i| {
+        p.int(i as i64);
+        p.tensor_info(infos[i].0, &infos[i].1);
+    });
+    write_archive(out, archive, &p.finish(), &[], |_, _| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::torch::{archive_name_for, write_pt, PtRoot, PtStorage, PtTensor};
+    use crate::view::Layout;
+
+    #[test]
+    fn training_layout_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("dp_rank_00_tp_rank_00_pp_rank_00.pt");
+        let names = vec!["a".to_string(), "b".to_string()];
+        let data = [vec![1u8, 2, 3, 4], vec![9u8, 8]];
+        let f = std::fs::File::create(&main).unwrap();
+        write_reference_file(f, &archive_name_for(&main), &names).unwrap();
+        std::fs::create_dir(tensors_dir(&main)).unwrap();
+        for (i, d) in data.iter().enumerate() {
+            let path = tensor_file(&main, i);
+            let t = PtTensor {
+                name: String::new(),
+                dtype: DType::U8,
+                layout: Layout::contiguous(&[d.len()]),
+                storage: 0,
+                requires_grad: false,
+            };
+            let storages = [PtStorage {
+                dtype: DType::U8,
+                numel: d.len(),
+            }];
+            let f = std::fs::File::create(&path).unwrap();
+            write_pt(
+                f,
+                &archive_name_for(&path),
+                &PtRoot::Tensor(t),
+                &storages,
+                |_, w| Ok(w.write_all(d)?),
+            )
+            .unwrap();
+        }
+        let info = info_file(&main);
+        write_info_file(
+            std::fs::File::create(&info).unwrap(),
+            &archive_name_for(&info),
+            &[(DType::U8, vec![4]), (DType::U8, vec![2])],
+        )
+        .unwrap();
+
+        let f = NxdFile::open(&main).unwrap();
+        assert!(f.has_references());
+        let tensors = f.tensors().unwrap();
+        assert_eq!(tensors.len(), 2);
+        assert_eq!(tensors[0].0, "a");
+        assert_eq!(tensors[1].1.contiguous_bytes().unwrap(), &[9, 8]);
+
+        std::fs::remove_file(tensor_file(&main, 1)).unwrap();
+        let err = NxdFile::open(&main).err().unwrap().to_string();
+        assert!(
+            err.contains("tensor_1.pt") && err.contains("tensor b"),
+            "{err}"
+        );
+    }
+}
