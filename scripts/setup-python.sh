@@ -10,9 +10,9 @@ mkdir -p "$venvs"
 
 current_pins=(
   "torch==2.15.0" "transformers==5.23.0" "safetensors==0.8.0" "datasets==5.2.0"
-  "huggingface_hub==2.4.0" "tokenizers==0.23.3" "peft==0.21.2" "numpy" "pyarrow"
+  "huggingface_hub==2.4.0" "tokenizers==0.23.3" "peft==0.21.2" "numpy" "pyarrow" "pytest==9.2.0"
 )
-torch21_pins=( "torch==2.1.2" "numpy<2" "safetensors==0.8.0" )
+torch21_pins=( "torch==2.1.2" "numpy<2" "safetensors==0.8.0" "pytest==9.2.0" )
 
 # uv lives in its own small venv so the system Python is never modified.
 uv="$venvs/uv/bin/uv"
