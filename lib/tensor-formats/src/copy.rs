@@ -307,26 +307,26 @@ impl Sink<'_> {
         cols: usize,
         col_stride: usize,
     ) -> Result<()> {
-        let es = dtype.size();
-        let row_bytes = cols * es;
+        let row_bytes = cols * dtype.size();
         let mut tile = vec![0u8; TILE.min(rows) * row_bytes];
         for r0 in (0..rows).step_by(TILE) {
             let r1 = (r0 + TILE).min(rows);
-            for c0 in (0..cols).step_by(TILE) {
-                let c1 = (c0 + TILE).min(cols);
-                for c in c0..c1 {
-                    let src_col = (base + c * col_stride) * es;
-                    for r in r0..r1 {
-                        let src = src_col + r * es;
-                        let dst = (r - r0) * row_bytes + c * es;
-                        tile[dst..dst + es].copy_from_slice(&storage[src..src + es]);
-                    }
-                }
+            let band = Band {
+                storage,
+                base,
+                r0,
+                r1,
+                cols,
+                col_stride,
+            };
+            match dtype.size() {
+                1 => band.gather::<1>(&mut tile),
+                2 => band.gather::<2>(&mut tile),
+                4 => band.gather::<4>(&mut tile),
+                _ => band.gather::<8>(&mut tile),
             }
-            let rows_here = r1 - r0;
-            for r in 0..rows_here {
-                let row = &tile[r * row_bytes..(r + 1) * row_bytes];
-                self.emit_gathered(dtype, row)?;
+            for r in 0..r1 - r0 {
+                self.emit_gathered(dtype, &tile[r * row_bytes..(r + 1) * row_bytes])?;
             }
         }
         Ok(())
@@ -335,6 +335,33 @@ impl Sink<'_> {
     /// Emits already-gathered source-dtype bytes.
     fn emit_gathered(&mut self, dtype: DType, bytes: &[u8]) -> Result<()> {
         self.run(dtype, bytes, 0, bytes.len() / dtype.size())
+    }
+}
+
+/// Rows `r0..r1` of a transposed source block, gathered tile by tile into row-major order.
+struct Band<'a> {
+    storage: &'a [u8],
+    base: usize,
+    r0: usize,
+    r1: usize,
+    cols: usize,
+    col_stride: usize,
+}
+
+impl Band<'_> {
+    /// `ES` (the element size) is a constant so every element move is a single load and store.
+    fn gather<const ES: usize>(&self, tile: &mut [u8]) {
+        let row_bytes = self.cols * ES;
+        for c0 in (0..self.cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(self.cols) {
+                let col = &self.storage[(self.base + c * self.col_stride + self.r0) * ES..]
+                    [..(self.r1 - self.r0) * ES];
+                for (r, elem) in col.chunks_exact(ES).enumerate() {
+                    let at = r * row_bytes + c * ES;
+                    tile[at..at + ES].copy_from_slice(elem);
+                }
+            }
+        }
     }
 }
 

@@ -164,34 +164,46 @@ pub fn convert_floats(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
         dst.copy_from_slice(src);
         return;
     }
-    let n = src.len() / from.size();
-    for i in 0..n {
-        let s = &src[i * from.size()..(i + 1) * from.size()];
-        let d = &mut dst[i * to.size()..(i + 1) * to.size()];
-        // f64 -> narrow goes straight from f64 so there is a single rounding.
-        if from == DType::F64 {
-            let v = f64::from_le_bytes(s.try_into().unwrap());
-            match to {
-                DType::F32 => d.copy_from_slice(&(v as f32).to_le_bytes()),
-                DType::F16 => d.copy_from_slice(&f16::from_f64(v).to_le_bytes()),
-                DType::BF16 => d.copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
-                _ => unreachable!(),
+    // One tight loop per pair: the conversion runs over whole checkpoints.
+    macro_rules! each {
+        ($n:literal, $m:literal, |$b:ident| $e:expr) => {
+            for (s, d) in src.chunks_exact($n).zip(dst.chunks_exact_mut($m)) {
+                let $b: [u8; $n] = s.try_into().unwrap();
+                d.copy_from_slice(&$e);
             }
-            continue;
-        }
-        let v: f32 = match from {
-            DType::F32 => f32::from_le_bytes(s.try_into().unwrap()),
-            DType::F16 => f16::from_le_bytes([s[0], s[1]]).to_f32(),
-            DType::BF16 => bf16::from_le_bytes([s[0], s[1]]).to_f32(),
-            _ => unreachable!(),
         };
-        match to {
-            DType::F64 => d.copy_from_slice(&(v as f64).to_le_bytes()),
-            DType::F32 => d.copy_from_slice(&v.to_le_bytes()),
-            DType::F16 => d.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
-            DType::BF16 => d.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
-            _ => unreachable!(),
+    }
+    match (from, to) {
+        // f64 narrows straight from f64 so there is a single rounding.
+        (DType::F64, DType::F32) => each!(8, 4, |b| (f64::from_le_bytes(b) as f32).to_le_bytes()),
+        (DType::F64, DType::F16) => {
+            each!(8, 2, |b| f16::from_f64(f64::from_le_bytes(b)).to_le_bytes())
         }
+        (DType::F64, DType::BF16) => each!(8, 2, |b| bf16::from_f64(f64::from_le_bytes(b))
+            .to_le_bytes()),
+        (DType::F32, DType::F64) => each!(4, 8, |b| (f32::from_le_bytes(b) as f64).to_le_bytes()),
+        (DType::F32, DType::F16) => {
+            each!(4, 2, |b| f16::from_f32(f32::from_le_bytes(b)).to_le_bytes())
+        }
+        (DType::F32, DType::BF16) => each!(4, 2, |b| bf16::from_f32(f32::from_le_bytes(b))
+            .to_le_bytes()),
+        // bf16 widens by a shift: exact.
+        (DType::BF16, DType::F32) => each!(2, 4, |b| ((u16::from_le_bytes(b) as u32) << 16)
+            .to_le_bytes()),
+        (DType::BF16, DType::F64) => {
+            each!(2, 8, |b| (bf16::from_le_bytes(b).to_f64()).to_le_bytes())
+        }
+        (DType::BF16, DType::F16) => {
+            each!(2, 2, |b| f16::from_f32(bf16::from_le_bytes(b).to_f32())
+                .to_le_bytes())
+        }
+        (DType::F16, DType::F32) => each!(2, 4, |b| f16::from_le_bytes(b).to_f32().to_le_bytes()),
+        (DType::F16, DType::F64) => each!(2, 8, |b| f16::from_le_bytes(b).to_f64().to_le_bytes()),
+        (DType::F16, DType::BF16) => {
+            each!(2, 2, |b| bf16::from_f32(f16::from_le_bytes(b).to_f32())
+                .to_le_bytes())
+        }
+        _ => unreachable!("convert_floats called with {from} -> {to}"),
     }
 }
 
