@@ -37,7 +37,11 @@ fn main() {
     let n = 8192usize;
     let src: Vec<u8> = (0..n * n * 2).map(|i| (i * 7 + 3) as u8).collect();
     let full = Layout::contiguous(&[n, n]);
-    let whole = Part { dtype: DType::BF16, layout: full.clone(), storage: &src };
+    let whole = Part {
+        dtype: DType::BF16,
+        layout: full.clone(),
+        storage: &src,
+    };
     let mut out = Buffer(Vec::with_capacity(n * n * 4));
     let runs = 5;
     let mut rows: Vec<(&str, f64, usize)> = Vec::new();
@@ -58,31 +62,78 @@ fn main() {
         rows.push((name, t, b));
     };
     run("contiguous view (row split, 32 x dim-0 chunks)", &mut |o| {
-        (0..32).map(|r| write_view(&whole.narrow(0, r * n / 32, n / 32).unwrap(), DType::BF16, o).unwrap()).sum()
-    });
-    run("column split (32 x dim-1 chunks, o_proj/down_proj)", &mut |o| {
-        (0..32).map(|r| write_view(&whole.narrow(1, r * n / 32, n / 32).unwrap(), DType::BF16, o).unwrap()).sum()
-    });
-    run("column split stored transposed (o_proj + qkv_linear)", &mut |o| {
         (0..32)
-            .map(|r| write_view(&whole.narrow(1, r * n / 32, n / 32).unwrap().transpose(0, 1), DType::BF16, o).unwrap())
+            .map(|r| {
+                write_view(
+                    &whole.narrow(0, r * n / 32, n / 32).unwrap(),
+                    DType::BF16,
+                    o,
+                )
+                .unwrap()
+            })
             .sum()
     });
-    run("concat along dim 1 (unshard o_proj from 32 ranks)", &mut |o| {
-        let parts: Vec<Part> = (0..32).map(|r| whole.narrow(1, r * n / 32, n / 32).unwrap()).collect();
-        write_concat(&parts, 1, DType::BF16, o).unwrap()
+    run(
+        "column split (32 x dim-1 chunks, o_proj/down_proj)",
+        &mut |o| {
+            (0..32)
+                .map(|r| {
+                    write_view(
+                        &whole.narrow(1, r * n / 32, n / 32).unwrap(),
+                        DType::BF16,
+                        o,
+                    )
+                    .unwrap()
+                })
+                .sum()
+        },
+    );
+    run(
+        "column split stored transposed (o_proj + qkv_linear)",
+        &mut |o| {
+            (0..32)
+                .map(|r| {
+                    write_view(
+                        &whole.narrow(1, r * n / 32, n / 32).unwrap().transpose(0, 1),
+                        DType::BF16,
+                        o,
+                    )
+                    .unwrap()
+                })
+                .sum()
+        },
+    );
+    run(
+        "concat along dim 1 (unshard o_proj from 32 ranks)",
+        &mut |o| {
+            let parts: Vec<Part> = (0..32)
+                .map(|r| whole.narrow(1, r * n / 32, n / 32).unwrap())
+                .collect();
+            write_concat(&parts, 1, DType::BF16, o).unwrap()
+        },
+    );
+    run(
+        "kv repeat x4 (dim-0 parts listed 4 times, 1/8 of rows)",
+        &mut |o| {
+            let kv = whole.narrow(0, 0, n / 8).unwrap();
+            let parts = vec![kv.clone(), kv.clone(), kv.clone(), kv];
+            write_concat(&parts, 0, DType::BF16, o).unwrap()
+        },
+    );
+    run("bf16 -> fp32 conversion (contiguous)", &mut |o| {
+        write_view(&whole, DType::F32, o).unwrap()
     });
-    run("kv repeat x4 (dim-0 parts listed 4 times, 1/8 of rows)", &mut |o| {
-        let kv = whole.narrow(0, 0, n / 8).unwrap();
-        let parts = vec![kv.clone(), kv.clone(), kv.clone(), kv];
-        write_concat(&parts, 0, DType::BF16, o).unwrap()
-    });
-    run("bf16 -> fp32 conversion (contiguous)", &mut |o| write_view(&whole, DType::F32, o).unwrap());
 
-    println!("| operation (8192 x 8192 bf16, best of {runs}) | output MB | seconds | GB/s | vs memcpy |");
+    println!(
+        "| operation (8192 x 8192 bf16, best of {runs}) | output MB | seconds | GB/s | vs memcpy |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for (name, t, b) in rows {
         let gbs = b as f64 / t / 1e9;
-        println!("| {name} | {:.0} | {t:.4} | {gbs:.2} | {:.2}x |", b as f64 / 1e6, gbs / memcpy_gbs);
+        println!(
+            "| {name} | {:.0} | {t:.4} | {gbs:.2} | {:.2}x |",
+            b as f64 / 1e6,
+            gbs / memcpy_gbs
+        );
     }
 }

@@ -49,11 +49,16 @@ fn rewrite(input: &str, output: &str) -> tensor_formats::Result<()> {
     let mut sources = Vec::new();
     let mut tensors = Vec::new();
     for (name, t) in pt.named_tensors() {
-        let index = *storage_index.entry(t.storage.key.clone()).or_insert_with(|| {
-            storages.push(PtStorage { dtype: t.storage.dtype, numel: t.storage.numel });
-            sources.push(t);
-            storages.len() - 1
-        });
+        let index = *storage_index
+            .entry(t.storage.key.clone())
+            .or_insert_with(|| {
+                storages.push(PtStorage {
+                    dtype: t.storage.dtype,
+                    numel: t.storage.numel,
+                });
+                sources.push(t);
+                storages.len() - 1
+            });
         tensors.push(PtTensor {
             name,
             dtype: t.storage.dtype,
@@ -63,18 +68,25 @@ fn rewrite(input: &str, output: &str) -> tensor_formats::Result<()> {
         });
     }
     let out_path = std::path::Path::new(output);
-    let file = std::fs::File::create(out_path).map_err(|e| tensor_formats::FormatError::io(out_path, e))?;
+    let file = std::fs::File::create(out_path)
+        .map_err(|e| tensor_formats::FormatError::io(out_path, e))?;
     let root = if matches!(pt.root(), tensor_formats::torch::Value::Tensor(_)) {
         PtRoot::Tensor(tensors.remove(0))
     } else {
         PtRoot::Dict(tensors)
     };
     let mut w = std::io::BufWriter::new(file);
-    write_pt(&mut w, &archive_name_for(out_path), &root, &storages, |i, out| {
-        let bytes = pt.archive().storage_bytes(pt.bytes(), sources[i])?;
-        out.write_all(bytes)?;
-        Ok(())
-    })?;
+    write_pt(
+        &mut w,
+        &archive_name_for(out_path),
+        &root,
+        &storages,
+        |i, out| {
+            let bytes = pt.archive().storage_bytes(pt.bytes(), sources[i])?;
+            out.write_all(bytes)?;
+            Ok(())
+        },
+    )?;
     w.flush()?;
     Ok(())
 }

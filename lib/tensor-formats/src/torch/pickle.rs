@@ -298,7 +298,7 @@ impl<'a> Vm<'a> {
         }
     }
     fn set_items(&mut self, dict: usize, items: Vec<usize>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(bad("SETITEMS with an odd number of items"));
         }
         match &mut self.nodes[dict] {
