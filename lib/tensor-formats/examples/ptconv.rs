@@ -18,10 +18,10 @@ use std::process::ExitCode;
 
 use sha2::{Digest, Sha256};
 use tensor_formats::copy::{write_view, Part};
-use tensor_formats::torch::{archive_name_for, write_pt, PtFile, PtRoot, PtStorage, PtTensor};
 use tensor_formats::safetensors::{
     plan_shards, render_index, shard_file_name, SafetensorsWriter, ShardedCheckpoint, TensorSpec,
 };
+use tensor_formats::torch::{archive_name_for, write_pt, PtFile, PtRoot, PtStorage, PtTensor};
 use tensor_formats::xser::NxdFile;
 use tensor_formats::{FormatError, TensorRef};
 
@@ -51,7 +51,11 @@ impl Source {
                     (n.clone(), file.tensor(entry))
                 })
                 .collect()),
-            Source::Torch(f) => Ok(f.tensors()?.into_iter().map(|(n, t)| (n.to_string(), t)).collect()),
+            Source::Torch(f) => Ok(f
+                .tensors()?
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t))
+                .collect()),
         }
     }
 }
@@ -64,8 +68,13 @@ fn create(path: &std::path::Path) -> tensor_formats::Result<std::io::BufWriter<s
 fn to_pt(input: &str, output: &str) -> tensor_formats::Result<()> {
     let src = Source::open(input)?;
     let tensors = src.tensors()?;
-    let storages: Vec<PtStorage> =
-        tensors.iter().map(|(_, t)| PtStorage { dtype: t.dtype, numel: t.layout.numel() }).collect();
+    let storages: Vec<PtStorage> = tensors
+        .iter()
+        .map(|(_, t)| PtStorage {
+            dtype: t.dtype,
+            numel: t.layout.numel(),
+        })
+        .collect();
     let specs = tensors
         .iter()
         .enumerate()
@@ -79,9 +88,13 @@ fn to_pt(input: &str, output: &str) -> tensor_formats::Result<()> {
         .collect();
     let out = std::path::Path::new(output);
     let mut w = create(out)?;
-    write_pt(&mut w, &archive_name_for(out), &PtRoot::Dict(specs), &storages, |i, o| {
-        write_view(&Part::whole(tensors[i].1), tensors[i].1.dtype, o).map(|_| ())
-    })?;
+    write_pt(
+        &mut w,
+        &archive_name_for(out),
+        &PtRoot::Dict(specs),
+        &storages,
+        |i, o| write_view(&Part::whole(tensors[i].1), tensors[i].1.dtype, o).map(|_| ()),
+    )?;
     w.flush()?;
     Ok(())
 }
@@ -91,21 +104,31 @@ fn to_safetensors(input: &str, out_dir: &str, max_shard: u64) -> tensor_formats:
     let tensors = src.tensors()?;
     let dir = std::path::Path::new(out_dir);
     std::fs::create_dir_all(dir).map_err(|e| FormatError::io(dir, e))?;
-    let sizes: Vec<(String, u64)> =
-        tensors.iter().map(|(n, t)| (n.clone(), (t.layout.numel() * t.dtype.size()) as u64)).collect();
+    let sizes: Vec<(String, u64)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), (t.layout.numel() * t.dtype.size()) as u64))
+        .collect();
     let shards = plan_shards(&sizes, max_shard);
     let mut weight_map = std::collections::BTreeMap::new();
     for (i, members) in shards.iter().enumerate() {
         let name = shard_file_name(i, shards.len());
         let specs = members
             .iter()
-            .map(|&m| TensorSpec { name: tensors[m].0.clone(), dtype: tensors[m].1.dtype, shape: tensors[m].1.layout.shape.clone() })
+            .map(|&m| TensorSpec {
+                name: tensors[m].0.clone(),
+                dtype: tensors[m].1.dtype,
+                shape: tensors[m].1.layout.shape.clone(),
+            })
             .collect();
         let metadata = Some([("format".to_string(), "pt".to_string())].into());
         let mut w = SafetensorsWriter::new(create(&dir.join(&name))?, specs, metadata)?;
         let order: Vec<String> = w.order().iter().map(|s| s.name.clone()).collect();
         for tname in order {
-            let t = tensors.iter().find(|(n, _)| *n == tname).expect("planned from this list").1;
+            let t = tensors
+                .iter()
+                .find(|(n, _)| *n == tname)
+                .expect("planned from this list")
+                .1;
             write_view(&Part::whole(t), t.dtype, &mut w)?;
             w.finish_tensor()?;
             weight_map.insert(tname, name.clone());
