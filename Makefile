@@ -31,6 +31,7 @@ venv:
 
 fixtures: venv
 	$(PY) scripts/gen_fixtures.py $(FIXTURES)/models
+	bash scripts/fetch-tokenizer.sh $(FIXTURES)/tokenizer
 
 test: lint test-rust test-compat
 
