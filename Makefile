@@ -39,7 +39,7 @@ test-rust:
 	$(CARGO) test --release --workspace
 
 test-compat: venv fixtures build
-	FIXTURES=$(FIXTURES) BIN=$(BIN) PY21=$(PY21) $(PY) -m pytest -q tests/compat
+	FIXTURES=$(FIXTURES) BIN=$(BIN) PY21=$(PY21) $(PY) -m pytest -q tests/compat tests/reference
 
 lint:
 	$(CARGO) fmt --all --check

@@ -147,7 +147,11 @@ enum Node {
     Object { class: String, state: Option<usize> },
 }
 
-const MAX_NODES: usize = 50_000_000;
+/// Objects the VM may create: far above any real state dict (a 70B shard holds hundreds of tensors).
+const MAX_NODES: usize = 20_000_000;
+/// Values a decoded tree may hold once shared references are expanded: bounds memory against pickles
+/// that reference one container many times over (found by fuzzing).
+const MAX_TREE_VALUES: usize = 4_000_000;
 const MAX_DEPTH: usize = 200;
 
 enum Slot {
@@ -177,7 +181,7 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
         memo: Default::default(),
     };
     let root = vm.run()?;
-    let mut budget = MAX_NODES;
+    let mut budget = MAX_TREE_VALUES;
     vm.materialize(root, 0, &mut budget)
 }
 
@@ -797,6 +801,21 @@ mod tests {
         let v = unpickle(p).unwrap();
         assert_eq!(v.get("a"), Some(&Value::List(vec![Value::Int(1)])));
         assert_eq!(v.get("b"), Some(&Value::List(vec![Value::Int(1)])));
+    }
+
+    #[test]
+    fn shared_reference_blowup_is_bounded() {
+        // l0 = [], l_{i+1} = [l_i, l_i] for 40 levels: 2^40 values once expanded.
+        let mut p = b"\x80\x02]q\x00".to_vec();
+        for i in 0..40u8 {
+            p.extend_from_slice(&[b'(', b'h', i, b'h', i, b'l', b'q', i + 1]);
+        }
+        p.push(b'.');
+        let err = unpickle(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("too large") || err.contains("too deep"),
+            "{err}"
+        );
     }
 
     #[test]
