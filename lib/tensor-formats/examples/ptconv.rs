@@ -10,6 +10,9 @@
 //! * `ptconv to-safetensors IN OUT_DIR MAX_SHARD_BYTES` writes an HF-sharded safetensors directory with
 //!   its index (and copies `config.json` / `generation_config.json` from an HF input dir).
 //!
+//! * `ptconv to-xser-split IN OUT.pt` writes the NxD training-checkpoint xser layout (reference file,
+//!   `OUT.pt.tensors/tensor_<i>.pt`, `OUT.pt.info.pt`).
+//!
 //! Exit codes: 0 ok, 2 unreadable input (one-line error naming the file).
 
 use std::collections::HashMap;
@@ -226,12 +229,22 @@ fn rewrite(input: &str, output: &str) -> tensor_formats::Result<()> {
     Ok(())
 }
 
+fn to_xser_split(input: &str, output: &str) -> tensor_formats::Result<()> {
+    let src = Source::open(input)?;
+    let tensors = src.tensors()?;
+    let main = std::path::Path::new(output);
+    let dir = tensor_formats::xser::tensors_dir(main);
+    std::fs::create_dir_all(&dir).map_err(|e| FormatError::io(&dir, e))?;
+    tensor_formats::xser::write_training_layout(main, &tensors, None, create, |mut w| Ok(w.flush()?))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
         Some("dump") if args.len() == 3 => dump(&args[2]),
         Some("rewrite") if args.len() == 4 => rewrite(&args[2], &args[3]),
         Some("to-pt") if args.len() == 4 => to_pt(&args[2], &args[3]),
+        Some("to-xser-split") if args.len() == 4 => to_xser_split(&args[2], &args[3]),
         Some("to-safetensors") if args.len() == 5 => match args[4].parse() {
             Ok(max) => to_safetensors(&args[2], &args[3], max),
             Err(_) => Err(FormatError::Invalid(format!("bad shard size {}", args[4]))),

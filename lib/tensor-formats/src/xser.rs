@@ -16,7 +16,8 @@ use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::torch::pickle::{TensorValue, Value};
 use crate::torch::pickle_write::Pickler;
-use crate::torch::{write_archive, PtFile};
+use crate::copy::{write_view, Part};
+use crate::torch::{archive_name_for, write_archive, write_pt, PtFile, PtRoot, PtStorage, PtTensor};
 use crate::view::TensorRef;
 
 /// `<file>.tensors`: the directory xser keeps beside a reference file.
@@ -180,10 +181,46 @@ pub fn write_info_file<W: Write>(
     write_archive(out, archive, &p.finish(), &[], |_, _| Ok(()))
 }
 
+/// Writes the NxD training-checkpoint layout for `tensors`: `<main>.tensors/tensor_<i>.pt` (each a bare
+/// contiguous tensor, in `out_dtype` if given), `<main>.info.pt`, then the reference file `main` itself last.
+///
+/// `create(path)` opens an output (the caller decides how: atomic temp files, plain files) and `commit`
+/// finishes it; the `.tensors` directory must exist.
+pub fn write_training_layout<W: Write>(
+    main: &Path,
+    tensors: &[(String, TensorRef<'_>)],
+    out_dtype: Option<DType>,
+    mut create: impl FnMut(&Path) -> Result<W>,
+    mut commit: impl FnMut(W) -> Result<()>,
+) -> Result<()> {
+    let mut infos = Vec::with_capacity(tensors.len());
+    for (tid, (name, view)) in tensors.iter().enumerate() {
+        let dtype = out_dtype.filter(|_| view.dtype.is_float()).unwrap_or(view.dtype);
+        let path = tensor_file(main, tid);
+        let spec = PtTensor {
+            name: name.clone(),
+            dtype,
+            layout: crate::view::Layout::contiguous(&view.layout.shape),
+            storage: 0,
+            requires_grad: false,
+        };
+        let storages = [PtStorage { dtype, numel: view.layout.numel() }];
+        let out = create(&path)?;
+        let out = write_pt(out, &archive_name_for(&path), &PtRoot::Tensor(spec), &storages, |_, w| {
+            write_view(&Part::whole(*view), dtype, w).map(|_| ())
+        })?;
+        commit(out)?;
+        infos.push((dtype, view.layout.shape.clone()));
+    }
+    let info = info_file(main);
+    commit(write_info_file(create(&info)?, &archive_name_for(&info), &infos)?)?;
+    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    commit(write_reference_file(create(main)?, &archive_name_for(main), &names)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::torch::{archive_name_for, write_pt, PtRoot, PtStorage, PtTensor};
     use crate::view::Layout;
 
     #[test]

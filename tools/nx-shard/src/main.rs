@@ -1,6 +1,227 @@
-//! `nx-shard`: not implemented yet. It refuses honestly rather than pretend.
+//! `nx-shard`: Hugging Face Llama checkpoint -> NxD TP x PP shard files.
+//!
+//! Argument parsing only; the work is done by the `nxd-shard` library.
 
-fn main() {
-    eprintln!("nx-shard: not implemented yet (see README.md for the tools that are ready)");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser};
+use nxd_layout::{HwBackend, ParallelConfig};
+use nxd_shard::{run, ManifestTarget, ShardOptions};
+use suite_support::exit::{run_tool, ToolError, EXIT_CODES_HELP};
+use tensor_formats::DType;
+
+const AFTER_HELP: &str = "\
+Output: <OUTPUT>/model/dp_rank_00_tp_rank_XX_pp_rank_YY.pt, one file per tp x pp rank, exactly
+as NxD's convert_checkpoints.py --convert_from_full_state writes them, and a manifest (one JSON
+line per file: path, bytes, sha256, tp, pp, tensors), written last.
+
+Finished outputs are kept: every file is written under a temporary name and renamed when
+complete, and a file that already exists is skipped (unless --force), so rerunning an
+interrupted conversion resumes it. Configurations NxD crashes on or silently gets wrong are
+refused (exit 2) with the settings that work.
+
+Examples:
+  nx-shard --input Llama-3-8B --output nxd --tp 8 --pp 4
+  nx-shard --input Llama-3-8B --output nxd --tp 32 --qkv-linear --kv-size-multiplier 4
+  nx-shard --input_dir Llama-3-8B --output_dir nxd --tp_size 8 --pp_size 4 --save_xser 1
+  nx-shard --config Llama-3-8B/config.json --tp 8 --pp 4 --dry-run
+  srun -n 4 nx-shard --input Llama-3-70B --output nxd --tp 32 --pp 8   # 4 ranks share the files
+";
+
+/// Boolean flag values: `1/0`, `true/false`, `yes/no`, `on/off` (a bare flag means true).
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" | "y" | "t" => Ok(true),
+        "0" | "false" | "no" | "off" | "n" | "f" | "" => Ok(false),
+        _ => Err(format!("expected true/false or 1/0, got {s:?}")),
+    }
+}
+
+/// `--dtype`: `None` keeps the source dtype.
+#[derive(Debug, Clone, Copy)]
+struct DtypeChoice(Option<DType>);
+
+/// `keep`, or a float dtype (`bf16`, `fp32`, `fp16`).
+fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
+    if s.eq_ignore_ascii_case("keep") {
+        return Ok(DtypeChoice(None));
+    }
+    match DType::parse_user(s) {
+        Some(d) if d.is_float() => Ok(DtypeChoice(Some(d))),
+        _ => Err(format!("expected keep, bf16 or fp32, got {s:?}")),
+    }
+}
+
+fn parse_hw(s: &str) -> Result<HwBackend, String> {
+    s.parse()
+}
+
+/// Convert a Hugging Face Llama checkpoint into NxD (neuronx-distributed) TP x PP shards.
+#[derive(Debug, Parser)]
+#[command(name = "nx-shard", version, after_help = format!("{AFTER_HELP}\n{EXIT_CODES_HELP}"))]
+struct Args {
+    /// HF checkpoint: a directory (model.safetensors or an index with shards), a .safetensors
+    /// file, or a full-state .pt. Optional only with --dry-run --config.
+    #[arg(long, visible_alias = "input_dir", value_name = "PATH")]
+    input: Option<PathBuf>,
+
+    /// Output directory; the shards go to <OUTPUT>/model/.
+    #[arg(long, visible_alias = "output_dir", value_name = "DIR")]
+    output: Option<PathBuf>,
+
+    /// Tensor-parallel degree.
+    #[arg(long, visible_alias = "tp_size", default_value_t = 1, value_name = "N")]
+    tp: usize,
+
+    /// Pipeline-parallel degree.
+    #[arg(long, visible_alias = "pp_size", default_value_t = 1, value_name = "N")]
+    pp: usize,
+
+    /// Virtual pipeline stages per pp rank.
+    #[arg(
+        long,
+        visible_alias = "virtual_pp_size",
+        default_value_t = 1,
+        value_name = "N"
+    )]
+    vpp: usize,
+
+    /// Replicate the kv heads this many times (with --qkv-linear).
+    #[arg(
+        long,
+        visible_alias = "kv_size_multiplier",
+        default_value_t = 1,
+        value_name = "N"
+    )]
+    kv_size_multiplier: usize,
+
+    /// GQA QKV layout (qkv_proj.weight_q/_k/_v).
+    #[arg(long, visible_alias = "qkv_linear", value_name = "BOOL", num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
+          action = ArgAction::Set)]
+    qkv_linear: bool,
+
+    /// One fused qkv_proj.weight_qkv per layer (with --qkv-linear).
+    #[arg(long, visible_alias = "fuse_qkv", value_name = "BOOL", num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
+          action = ArgAction::Set)]
+    fuse_qkv: bool,
+
+    /// One qkv_proj.weight per layer (multi-head attention, without --qkv-linear).
+    #[arg(long, visible_alias = "coalesce_qkv", value_name = "BOOL", num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
+          action = ArgAction::Set)]
+    coalesce_qkv: bool,
+
+    /// Hardware backend: trn1 or trn2 (q-head placement differs).
+    #[arg(long, visible_alias = "hw_backend", default_value = "trn1", value_parser = parse_hw,
+          value_name = "trn1|trn2")]
+    hw_backend: HwBackend,
+
+    /// Also create the empty <file>.pt.tensors/ directories NxD's --save_xser makes.
+    #[arg(long, visible_alias = "save_xser", value_name = "BOOL", num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
+          action = ArgAction::Set)]
+    xser: bool,
+
+    /// Accepted for NxD compatibility and ignored (the input is always a full checkpoint).
+    #[arg(long = "convert_from_full_state", alias = "convert-from-full-state", value_name = "BOOL",
+          num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_flag, action = ArgAction::Set, hide = true)]
+    convert_from_full_state: bool,
+
+    /// Model config.json [default: <input dir>/config.json].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Convert float tensors: keep, bf16 or fp32.
+    #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|fp32")]
+    dtype: DtypeChoice,
+
+    /// Worker threads (files are written in parallel) [default: all cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
+
+    /// This process's rank when the files are split over --world processes
+    /// [default: from Slurm (array task or srun step), else 0].
+    #[arg(long, value_name = "R")]
+    rank: Option<usize>,
+
+    /// Number of processes sharing the files [default: from Slurm, else 1].
+    #[arg(long, value_name = "W")]
+    world: Option<usize>,
+
+    /// Print the plan (files, layers, tensors, bytes) and write nothing. With --config and no
+    /// --input, plans a bf16 checkpoint of that config.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Manifest file, or - for stdout [default: <OUTPUT>/nx-shard.manifest.jsonl; with
+    /// --world > 1: <OUTPUT>/nx-shard.manifest.rank-R-of-W.jsonl].
+    #[arg(long, value_name = "FILE|-")]
+    manifest: Option<PathBuf>,
+
+    /// Rewrite files that already exist (by default they are kept and skipped).
+    #[arg(long)]
+    force: bool,
+
+    /// Accept trn2 + qkv_linear layouts that are not HF-GQA-consistent and reproduce NxD's
+    /// tiled output exactly.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_flag, action = ArgAction::Set)]
+    allow_nxd_trn2_kv_tiling: bool,
+
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+fn options(a: Args) -> ShardOptions {
+    let _ = a.convert_from_full_state;
+    let manifest = match a.manifest {
+        None => ManifestTarget::Default,
+        Some(p) if p.as_os_str() == "-" => ManifestTarget::Stdout,
+        Some(p) => ManifestTarget::File(p),
+    };
+    ShardOptions {
+        input: a.input,
+        output: a.output,
+        config: a.config,
+        parallel: ParallelConfig {
+            tp: a.tp,
+            pp: a.pp,
+            vpp: a.vpp,
+            kv_size_multiplier: a.kv_size_multiplier,
+            qkv_linear: a.qkv_linear,
+            fuse_qkv: a.fuse_qkv,
+            coalesce_qkv: a.coalesce_qkv,
+            hw: a.hw_backend,
+            allow_nxd_trn2_kv_tiling: a.allow_nxd_trn2_kv_tiling,
+        },
+        dtype: a.dtype.0,
+        jobs: a.jobs,
+        rank: a.rank,
+        world: a.world,
+        dry_run: a.dry_run,
+        manifest,
+        force: a.force,
+        xser: a.xser,
+        progress: !a.quiet,
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    run_tool("nx-shard", || -> Result<(), ToolError> {
+        let outcome = run(&options(args))?;
+        if !outcome.written.is_empty() || !outcome.skipped.is_empty() {
+            eprintln!(
+                "nx-shard: wrote {} files, kept {} existing",
+                outcome.written.len(),
+                outcome.skipped.len()
+            );
+        }
+        Ok(())
+    })
 }

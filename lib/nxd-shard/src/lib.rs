@@ -1,0 +1,309 @@
+//! The `nx-shard` executor: Hugging Face Llama checkpoint -> NxD (neuronx-distributed) TP x PP
+//! shard files, as NxD's `convert_checkpoints.py --convert_from_full_state` writes them.
+//!
+//! [`nxd_layout::plan`] decides what goes where; this crate does the I/O:
+//!
+//! * [`input`]: opens the source (HF safetensors directory / index / file, or a full-state
+//!   `.pt`) through mmap and lists its tensors in state-dict order.
+//! * [`write`]: writes one `dp_rank_00_tp_rank_XX_pp_rank_YY.pt` with the strided-copy engine,
+//!   atomically, hashing it on the way.
+//! * [`run`]: the whole tool: plan, select this rank's files, write them in parallel, write the
+//!   manifest.
+//!
+//! Finished outputs are kept: a file that already exists under its final name is skipped (unless
+//! [`ShardOptions::force`]), so rerunning an interrupted conversion resumes it. Partial files are
+//! only ever written under temporary names.
+#![warn(missing_docs)]
+
+pub mod input;
+pub mod write;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
+use nxd_layout::{expected_source_tensors, plan, FilePlan, ModelConfig, ParallelConfig, ShardPlan};
+use rayon::prelude::*;
+use suite_support::atomic::{remove_stale_partials, AtomicFile};
+use suite_support::exit::ToolError;
+use suite_support::hash::sha256_file;
+use suite_support::manifest::{write_manifest, ManifestRecord};
+use suite_support::progress::Progress;
+use suite_support::worksplit::WorkSlice;
+use tensor_formats::DType;
+
+use crate::input::{default_config_path, sources, Input};
+use crate::write::write_file;
+
+/// The manifest `kind` of shard files.
+pub const MANIFEST_KIND: &str = "nxd-shard";
+
+/// The default manifest file name, inside the output directory.
+pub const MANIFEST_FILE_NAME: &str = "nx-shard.manifest.jsonl";
+
+/// Subdirectory of the output directory holding the shard files (as NxD writes them).
+pub const MODEL_DIR: &str = "model";
+
+/// Where the manifest goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestTarget {
+    /// `<output>/nx-shard.manifest.jsonl` (with `--world` > 1:
+    /// `<output>/nx-shard.manifest.rank-R-of-W.jsonl`, so ranks do not overwrite each other).
+    Default,
+    /// Standard output (`--manifest -`).
+    Stdout,
+    /// This file.
+    File(PathBuf),
+}
+
+/// Everything `nx-shard` is asked to do.
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    /// The HF checkpoint (directory, index, `.safetensors` file) or a full-state `.pt`. May be
+    /// `None` only for a dry run with [`ShardOptions::config`].
+    pub input: Option<PathBuf>,
+    /// The output directory (the shards go to `<output>/model/`). May be `None` for a dry run.
+    pub output: Option<PathBuf>,
+    /// `config.json`; default `<input dir>/config.json`.
+    pub config: Option<PathBuf>,
+    /// The NxD converter settings.
+    pub parallel: ParallelConfig,
+    /// Convert float tensors to this dtype (`None`: keep the source dtype).
+    pub dtype: Option<DType>,
+    /// Worker threads (`None`: all available).
+    pub jobs: Option<usize>,
+    /// `--rank` (default from Slurm, else 0).
+    pub rank: Option<usize>,
+    /// `--world` (default from Slurm, else 1).
+    pub world: Option<usize>,
+    /// Print the plan summary and write nothing.
+    pub dry_run: bool,
+    /// Where the manifest goes.
+    pub manifest: ManifestTarget,
+    /// Rewrite files that already exist.
+    pub force: bool,
+    /// Also create the empty `<file>.tensors/` directories of NxD's `--save_xser`.
+    pub xser: bool,
+    /// Show a progress bar (only ever on a terminal).
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Files written, relative to the output directory.
+    pub written: Vec<String>,
+    /// Files skipped because they already existed.
+    pub skipped: Vec<String>,
+}
+
+fn usage(e: impl Into<anyhow::Error>) -> ToolError {
+    ToolError::usage(e)
+}
+
+/// Reads `config.json`.
+pub fn read_model_config(path: &Path) -> Result<ModelConfig, ToolError> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the model config {}", path.display()))
+        .map_err(ToolError::classify)?;
+    ModelConfig::from_json_str(&text)
+        .with_context(|| path.display().to_string())
+        .map_err(usage)
+}
+
+/// Plans from `sources`, turning planner errors (refusals included) into usage errors (exit 2)
+/// carrying the planner's one-line message.
+fn make_plan(
+    model: &ModelConfig,
+    parallel: &ParallelConfig,
+    sources: &[nxd_layout::SourceTensor],
+) -> Result<ShardPlan, ToolError> {
+    plan(model, parallel, sources).map_err(usage)
+}
+
+/// The relative path of a shard file inside the output directory.
+pub fn relative_path(file: &FilePlan) -> String {
+    format!("{MODEL_DIR}/{}", file.file_name)
+}
+
+/// Runs `nx-shard`.
+pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
+    if let Some(i) = &opts.input {
+        if !i.exists() {
+            return Err(usage(anyhow!("input {} does not exist", i.display())));
+        }
+    }
+    let config_path = match (&opts.config, &opts.input) {
+        (Some(c), _) => c.clone(),
+        (None, Some(i)) => default_config_path(i),
+        (None, None) => {
+            return Err(usage(anyhow!(
+                "no input: pass --input (an HF checkpoint), or --config with --dry-run"
+            )))
+        }
+    };
+    let model = read_model_config(&config_path)?;
+
+    let Some(input_path) = &opts.input else {
+        if !opts.dry_run {
+            return Err(usage(anyhow!(
+                "--input is required unless --dry-run is given (a dry run without weights plans \
+                 from --config alone)"
+            )));
+        }
+        let dtype = opts.dtype.unwrap_or(DType::BF16);
+        let srcs = expected_source_tensors(&model, dtype.safetensors_name(), dtype.size());
+        let plan = make_plan(&model, &opts.parallel, &srcs)?;
+        println!("{}", plan.summary());
+        return Ok(Outcome::default());
+    };
+
+    let input = Input::open(input_path).map_err(ToolError::classify)?;
+    let tensors = input.tensors().map_err(ToolError::classify)?;
+    let (srcs, views) = sources(tensors, opts.dtype);
+    let plan = make_plan(&model, &opts.parallel, &srcs)?;
+    if opts.dry_run {
+        println!("{}", plan.summary());
+        return Ok(Outcome::default());
+    }
+
+    let output = opts
+        .output
+        .as_ref()
+        .ok_or_else(|| usage(anyhow!("--output is required (unless --dry-run)")))?;
+    let slice = WorkSlice::resolve(opts.rank, opts.world).map_err(usage)?;
+    let weights: Vec<u64> = plan.files.iter().map(FilePlan::bytes).collect();
+    let mine = slice.balanced(&weights);
+
+    let model_dir = output.join(MODEL_DIR);
+    std::fs::create_dir_all(&model_dir)
+        .with_context(|| format!("creating {}", model_dir.display()))
+        .map_err(ToolError::io)?;
+    if slice.world == 1 {
+        remove_stale_partials(&model_dir)
+            .context("cleaning up after an earlier run")
+            .map_err(ToolError::io)?;
+    }
+
+    // Existing outputs are kept (resume) unless --force.
+    let mut todo = Vec::new();
+    let mut skipped = Vec::new();
+    for &i in &mine {
+        let f = &plan.files[i];
+        let path = model_dir.join(&f.file_name);
+        if !opts.force && path.is_file() {
+            if opts.xser {
+                let dir = tensor_formats::xser::tensors_dir(&path);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))
+                    .map_err(ToolError::io)?;
+            }
+            skipped.push(i);
+        } else {
+            todo.push(i);
+        }
+    }
+    for &i in &skipped {
+        eprintln!(
+            "nx-shard: keeping existing {} (pass --force to rewrite it)",
+            relative_path(&plan.files[i])
+        );
+    }
+
+    suite_support::jobs::init_thread_pool(opts.jobs);
+    let total: u64 = todo.iter().map(|&i| weights[i]).sum();
+    let progress = Progress::new(total, "nx-shard", opts.progress);
+    let results: Vec<(usize, anyhow::Result<write::Written>)> = todo
+        .par_iter()
+        .map(|&i| {
+            let f = &plan.files[i];
+            let path = model_dir.join(&f.file_name);
+            (i, write_file(f, &views, &path, opts.xser, &progress))
+        })
+        .collect();
+    progress.finish();
+
+    let mut records = Vec::new();
+    let mut written = Vec::new();
+    for (i, r) in results {
+        let f = &plan.files[i];
+        let w = r
+            .with_context(|| format!("writing {}", relative_path(f)))
+            .map_err(ToolError::classify)?;
+        written.push(relative_path(f));
+        records.push(record(f, w.bytes, w.sha256));
+    }
+    // Skipped files are described too, so a resumed run's manifest covers every output.
+    for &i in &skipped {
+        let f = &plan.files[i];
+        let path = model_dir.join(&f.file_name);
+        let bytes = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map_err(ToolError::classify)?
+            .len();
+        let sha = sha256_file(&path)
+            .with_context(|| format!("hashing {}", path.display()))
+            .map_err(ToolError::classify)?;
+        records.push(record(f, bytes, sha));
+    }
+
+    write_manifest_to(&opts.manifest, output, slice, &records)?;
+    Ok(Outcome {
+        written,
+        skipped: skipped
+            .iter()
+            .map(|&i| relative_path(&plan.files[i]))
+            .collect(),
+    })
+}
+
+fn record(f: &FilePlan, bytes: u64, sha256: String) -> ManifestRecord {
+    ManifestRecord::new(relative_path(f), bytes, sha256)
+        .with_kind(MANIFEST_KIND)
+        .with_extra("tp", f.tp)
+        .with_extra("pp", f.pp)
+        .with_extra("tensors", f.tensors.len())
+}
+
+/// The default manifest path for `slice`.
+pub fn default_manifest_path(output: &Path, slice: WorkSlice) -> PathBuf {
+    if slice.world > 1 {
+        output.join(format!(
+            "nx-shard.manifest.rank-{}-of-{}.jsonl",
+            slice.rank, slice.world
+        ))
+    } else {
+        output.join(MANIFEST_FILE_NAME)
+    }
+}
+
+fn write_manifest_to(
+    target: &ManifestTarget,
+    output: &Path,
+    slice: WorkSlice,
+    records: &[ManifestRecord],
+) -> Result<(), ToolError> {
+    let path = match target {
+        ManifestTarget::Stdout => {
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            write_manifest(&mut lock, records)
+                .context("writing the manifest to stdout")
+                .map_err(ToolError::io)?;
+            return lock
+                .flush()
+                .context("writing the manifest to stdout")
+                .map_err(ToolError::io);
+        }
+        ManifestTarget::Default => default_manifest_path(output, slice),
+        ManifestTarget::File(p) => p.clone(),
+    };
+    let ctx = || format!("writing the manifest {}", path.display());
+    let mut file = AtomicFile::create(&path)
+        .with_context(ctx)
+        .map_err(ToolError::io)?;
+    write_manifest(&mut file, records)
+        .with_context(ctx)
+        .map_err(ToolError::io)?;
+    file.commit().with_context(ctx).map_err(ToolError::io)
+}
