@@ -235,7 +235,13 @@ fn to_xser_split(input: &str, output: &str) -> tensor_formats::Result<()> {
     let main = std::path::Path::new(output);
     let dir = tensor_formats::xser::tensors_dir(main);
     std::fs::create_dir_all(&dir).map_err(|e| FormatError::io(&dir, e))?;
-    tensor_formats::xser::write_training_layout(main, &tensors, None, create, |mut w| Ok(w.flush()?))
+    tensor_formats::xser::write_training_layout(
+        main,
+        &tensors,
+        None,
+        create,
+        |mut w| Ok(w.flush()?),
+    )
 }
 
 fn main() -> ExitCode {

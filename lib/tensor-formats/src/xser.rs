@@ -12,12 +12,14 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::copy::{write_view, Part};
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::torch::pickle::{TensorValue, Value};
 use crate::torch::pickle_write::Pickler;
-use crate::copy::{write_view, Part};
-use crate::torch::{archive_name_for, write_archive, write_pt, PtFile, PtRoot, PtStorage, PtTensor};
+use crate::torch::{
+    archive_name_for, write_archive, write_pt, PtFile, PtRoot, PtStorage, PtTensor,
+};
 use crate::view::TensorRef;
 
 /// `<file>.tensors`: the directory xser keeps beside a reference file.
@@ -195,7 +197,9 @@ pub fn write_training_layout<W: Write>(
 ) -> Result<()> {
     let mut infos = Vec::with_capacity(tensors.len());
     for (tid, (name, view)) in tensors.iter().enumerate() {
-        let dtype = out_dtype.filter(|_| view.dtype.is_float()).unwrap_or(view.dtype);
+        let dtype = out_dtype
+            .filter(|_| view.dtype.is_float())
+            .unwrap_or(view.dtype);
         let path = tensor_file(main, tid);
         let spec = PtTensor {
             name: name.clone(),
@@ -204,18 +208,33 @@ pub fn write_training_layout<W: Write>(
             storage: 0,
             requires_grad: false,
         };
-        let storages = [PtStorage { dtype, numel: view.layout.numel() }];
+        let storages = [PtStorage {
+            dtype,
+            numel: view.layout.numel(),
+        }];
         let out = create(&path)?;
-        let out = write_pt(out, &archive_name_for(&path), &PtRoot::Tensor(spec), &storages, |_, w| {
-            write_view(&Part::whole(*view), dtype, w).map(|_| ())
-        })?;
+        let out = write_pt(
+            out,
+            &archive_name_for(&path),
+            &PtRoot::Tensor(spec),
+            &storages,
+            |_, w| write_view(&Part::whole(*view), dtype, w).map(|_| ()),
+        )?;
         commit(out)?;
         infos.push((dtype, view.layout.shape.clone()));
     }
     let info = info_file(main);
-    commit(write_info_file(create(&info)?, &archive_name_for(&info), &infos)?)?;
+    commit(write_info_file(
+        create(&info)?,
+        &archive_name_for(&info),
+        &infos,
+    )?)?;
     let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-    commit(write_reference_file(create(main)?, &archive_name_for(main), &names)?)
+    commit(write_reference_file(
+        create(main)?,
+        &archive_name_for(main),
+        &names,
+    )?)
 }
 
 #[cfg(test)]
