@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use nxd_layout::{expected_source_tensors, plan, FilePlan, ModelConfig, ParallelConfig, ShardPlan};
 use rayon::prelude::*;
-use suite_support::atomic::{remove_stale_partials, AtomicFile};
+use suite_support::atomic::{remove_stale_partials, AtomicFile, Publisher};
 use suite_support::exit::ToolError;
 use suite_support::hash::sha256_file;
 use suite_support::manifest::{write_manifest, ManifestRecord};
@@ -213,15 +213,24 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
     suite_support::jobs::init_thread_pool(opts.jobs);
     let total: u64 = todo.iter().map(|&i| weights[i]).sum();
     let progress = Progress::new(total, "nx-shard", opts.progress);
+    // Workers hand finished files to the publisher and go on; the disk catches up behind them.
+    let publisher = Publisher::start();
     let results: Vec<(usize, anyhow::Result<write::Written>)> = todo
         .par_iter()
         .map(|&i| {
             let f = &plan.files[i];
             let path = model_dir.join(&f.file_name);
-            (i, write_file(f, &views, &path, opts.xser, &progress))
+            (
+                i,
+                write_file(f, &views, &path, opts.xser, &progress, &publisher),
+            )
         })
         .collect();
     progress.finish();
+    publisher
+        .wait()
+        .context("publishing the shard files")
+        .map_err(ToolError::classify)?;
 
     let mut records = Vec::new();
     let mut written = Vec::new();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use nxd_layout::{FilePlan, TensorPlan};
-use suite_support::atomic::AtomicFile;
+use suite_support::atomic::{AtomicFile, Publisher};
 use suite_support::hash::HashingWriter;
 use suite_support::progress::Progress;
 use tensor_formats::copy::{write_concat, write_view, Part};
@@ -102,14 +102,15 @@ fn pt_root(file: &FilePlan) -> Result<(PtRoot, Vec<PtStorage>)> {
     Ok((PtRoot::Dict(tensors), storages))
 }
 
-/// Writes `file` to `path` atomically (a temporary name, renamed when complete). With `xser`,
-/// the empty `<path>.tensors/` directory NxD's `--save_xser` creates is made first.
+/// Writes `file` to `path` atomically (a temporary name, renamed by `publisher` once on disk). With
+/// `xser`, the empty `<path>.tensors/` directory NxD's `--save_xser` creates is made too.
 pub fn write_file(
     file: &FilePlan,
     views: &[TensorRef<'_>],
     path: &Path,
     xser: bool,
     progress: &Progress,
+    publisher: &Publisher,
 ) -> Result<Written> {
     let (root, storages) = pt_root(file)?;
     let out = AtomicFile::create(path)?;
@@ -133,7 +134,7 @@ pub fn write_file(
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the xser directory {}", dir.display()))?;
     }
-    out.commit()?;
+    publisher.submit(out.finish()?);
     Ok(Written { bytes, sha256 })
 }
 

@@ -106,7 +106,14 @@ impl AtomicFile {
 
     /// Flushes, fsyncs the file, renames it to its final name (replacing any file there) and
     /// fsyncs the directory.
-    pub fn commit(mut self) -> Result<(), AtomicError> {
+    pub fn commit(self) -> Result<(), AtomicError> {
+        self.finish()?.publish()
+    }
+
+    /// Flushes the file and starts writing it to disk in the background, without waiting; the
+    /// returned [`Finished`] publishes it later. Lets a writer go on computing the next file while
+    /// the disk catches up (see [`Publisher`]).
+    pub fn finish(mut self) -> Result<Finished, AtomicError> {
         let writer = self
             .writer
             .take()
@@ -114,11 +121,14 @@ impl AtomicFile {
         let file = writer
             .into_inner()
             .map_err(|e| self.error("writing", e.into_error()))?;
-        file.sync_all().map_err(|e| self.error("syncing", e))?;
-        drop(file);
-        rename_into_place(&self.temp_path, &self.final_path)?;
+        start_writeback(&file);
+        // The temporary file now belongs to the Finished handle.
         self.committed = true;
-        Ok(())
+        Ok(Finished {
+            file: Some(file),
+            final_path: self.final_path.clone(),
+            temp_path: self.temp_path.clone(),
+        })
     }
 
     fn writer(&mut self) -> &mut BufWriter<File> {
@@ -171,6 +181,161 @@ impl Drop for AtomicFile {
             let _ = fs::remove_file(&self.temp_path);
         }
     }
+}
+
+/// Asks the kernel to start writing the file's dirty pages now, without waiting (advisory: errors,
+/// if any, surface at the fsync that publishes the file).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a file descriptor we own; offset 0 and length 0 mean "the whole file".
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File) {}
+
+/// A completely written file still under its temporary name; [`Finished::publish`] makes it final.
+/// Dropping it unpublished removes the temporary file.
+#[derive(Debug)]
+pub struct Finished {
+    file: Option<File>,
+    final_path: PathBuf,
+    temp_path: PathBuf,
+}
+
+impl Finished {
+    /// The path the file will have once published.
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
+    }
+
+    /// Waits for the file to be on disk (fsync), renames it to its final name and fsyncs the directory.
+    pub fn publish(mut self) -> Result<(), AtomicError> {
+        let file = self
+            .file
+            .take()
+            .expect("Finished holds its file until published");
+        file.sync_all()
+            .map_err(|e| AtomicError::new("syncing", &self.final_path, e))?;
+        drop(file);
+        rename_into_place(&self.temp_path, &self.final_path)
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.temp_path);
+        }
+    }
+}
+
+/// Publishes [`Finished`] files on a background thread, in the order they are submitted, so the
+/// threads that compute outputs never wait for the disk.
+#[derive(Debug)]
+pub struct Publisher {
+    sender: Option<std::sync::mpsc::Sender<Finished>>,
+    thread: Option<std::thread::JoinHandle<Result<(), AtomicError>>>,
+}
+
+impl Default for Publisher {
+    fn default() -> Self {
+        Publisher::start()
+    }
+}
+
+impl Publisher {
+    /// Starts the publishing thread. It works in batches (group commit): whatever files are queued
+    /// are made durable with one `syncfs`, then renamed, then their directories are synced once.
+    pub fn start() -> Publisher {
+        let (sender, receiver) = std::sync::mpsc::channel::<Finished>();
+        let thread = std::thread::spawn(move || {
+            let mut first_error = None;
+            while let Ok(first) = receiver.recv() {
+                let mut batch = vec![first];
+                batch.extend(receiver.try_iter());
+                // After an error, later files are dropped (removed) rather than published.
+                if first_error.is_none() {
+                    first_error = publish_batch(batch).err();
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        });
+        Publisher {
+            sender: Some(sender),
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues a file for publishing.
+    pub fn submit(&self, finished: Finished) {
+        if let Some(sender) = &self.sender {
+            // A send fails only if the thread ended, which it does only after `wait`.
+            let _ = sender.send(finished);
+        }
+    }
+
+    /// Waits until every submitted file is published; returns the first error, if any.
+    pub fn wait(mut self) -> Result<(), AtomicError> {
+        self.sender.take();
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes every file of `batch` durable with one filesystem sync, renames each into place, then syncs
+/// each destination directory once.
+fn publish_batch(mut batch: Vec<Finished>) -> Result<(), AtomicError> {
+    let first = &batch[0];
+    sync_filesystem(first.file.as_ref().expect("unpublished"))
+        .map_err(|e| AtomicError::new("syncing", &first.final_path, e))?;
+    let mut dirs: Vec<&Path> = Vec::new();
+    for f in &mut batch {
+        f.file.take();
+        fs::rename(&f.temp_path, &f.final_path)
+            .map_err(|e| AtomicError::new("renaming into place", &f.final_path, e))?;
+    }
+    for f in &batch {
+        let dir = parent_dir(&f.final_path);
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+            sync_dir(dir)
+                .map_err(|e| AtomicError::new("syncing the directory of", &f.final_path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Flushes everything of the filesystem holding `file` (one call instead of an fsync per file).
+#[cfg(target_os = "linux")]
+fn sync_filesystem(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a file descriptor we own.
+    if unsafe { libc::syncfs(file.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_filesystem(file: &File) -> io::Result<()> {
+    file.sync_all()
 }
 
 /// Writes `bytes` to `path` atomically (see [`AtomicFile`]).
@@ -327,6 +492,31 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn publisher_publishes_in_batches_and_drops_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let publisher = Publisher::start();
+        for i in 0..20 {
+            let mut f = AtomicFile::create(dir.path().join(format!("f{i}"))).unwrap();
+            f.write_all(format!("{i}").as_bytes()).unwrap();
+            publisher.submit(f.finish().unwrap());
+        }
+        publisher.wait().unwrap();
+        for i in 0..20 {
+            assert_eq!(
+                fs::read_to_string(dir.path().join(format!("f{i}"))).unwrap(),
+                i.to_string()
+            );
+        }
+        // Only the published names remain: no temporary files.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 20);
+
+        // A finished file that is dropped unpublished leaves nothing behind.
+        let f = AtomicFile::create(dir.path().join("never")).unwrap();
+        drop(f.finish().unwrap());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 20);
+    }
+
     use super::*;
     use std::os::unix::fs::FileExt;
 
