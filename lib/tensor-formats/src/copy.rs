@@ -308,7 +308,8 @@ impl Sink<'_> {
         col_stride: usize,
     ) -> Result<()> {
         let row_bytes = cols * dtype.size();
-        let mut tile = vec![0u8; TILE.min(rows) * row_bytes];
+        let pitch = tile_pitch(row_bytes);
+        let mut tile = vec![0u8; TILE.min(rows) * pitch];
         for r0 in (0..rows).step_by(TILE) {
             let r1 = (r0 + TILE).min(rows);
             let band = Band {
@@ -318,6 +319,7 @@ impl Sink<'_> {
                 r1,
                 cols,
                 col_stride,
+                pitch,
             };
             match dtype.size() {
                 1 => band.gather::<1>(&mut tile),
@@ -326,7 +328,7 @@ impl Sink<'_> {
                 _ => band.gather::<8>(&mut tile),
             }
             for r in 0..r1 - r0 {
-                self.emit_gathered(dtype, &tile[r * row_bytes..(r + 1) * row_bytes])?;
+                self.emit_gathered(dtype, &tile[r * pitch..r * pitch + row_bytes])?;
             }
         }
         Ok(())
@@ -338,6 +340,17 @@ impl Sink<'_> {
     }
 }
 
+/// Distance between tile rows: the row length padded so that consecutive rows do not fall in the same
+/// cache set (rows a multiple of 4 KiB apart all compete for the same few L1 ways).
+fn tile_pitch(row_bytes: usize) -> usize {
+    (row_bytes / 64 + 1) * 64
+        + if (row_bytes / 64 + 1) % 64 == 0 {
+            64
+        } else {
+            0
+        }
+}
+
 /// Rows `r0..r1` of a transposed source block, gathered tile by tile into row-major order.
 struct Band<'a> {
     storage: &'a [u8],
@@ -346,19 +359,36 @@ struct Band<'a> {
     r1: usize,
     cols: usize,
     col_stride: usize,
+    pitch: usize,
 }
 
 impl Band<'_> {
     /// `ES` (the element size) is a constant so every element move is a single load and store.
     fn gather<const ES: usize>(&self, tile: &mut [u8]) {
-        let row_bytes = self.cols * ES;
-        for c0 in (0..self.cols).step_by(TILE) {
-            for c in c0..(c0 + TILE).min(self.cols) {
-                let col = &self.storage[(self.base + c * self.col_stride + self.r0) * ES..]
-                    [..(self.r1 - self.r0) * ES];
-                for (r, elem) in col.chunks_exact(ES).enumerate() {
-                    let at = r * row_bytes + c * ES;
-                    tile[at..at + ES].copy_from_slice(elem);
+        // Small square blocks keep the source rows and tile rows touched at once within the TLB.
+        // Rows: one source cache line of elements; columns: few enough source rows (a multiple of 4 KiB
+        // apart, so in one cache set) to fit the L1 ways.
+        let row_block = 64 / ES;
+        const COL_BLOCK: usize = 8;
+        let row_bytes = self.pitch;
+        let rows = self.r1 - self.r0;
+        assert!(tile.len() >= rows * row_bytes && self.cols * ES <= row_bytes);
+        for rb in (0..rows).step_by(row_block) {
+            let re = (rb + row_block).min(rows);
+            for cb in (0..self.cols).step_by(COL_BLOCK) {
+                for c in cb..(cb + COL_BLOCK).min(self.cols) {
+                    let start = (self.base + c * self.col_stride + self.r0 + rb) * ES;
+                    let col = &self.storage[start..start + (re - rb) * ES];
+                    let src = col.as_ptr() as *const [u8; ES];
+                    let dst = tile[rb * row_bytes + c * ES..].as_mut_ptr();
+                    for i in 0..re - rb {
+                        // SAFETY: i < re - rb, the length of `col` in elements; and c < cols, i < rows,
+                        // so the ES bytes at (rb + i) * row_bytes + c * ES lie inside the tile (asserted).
+                        unsafe {
+                            let v = std::ptr::read_unaligned(src.add(i));
+                            std::ptr::write_unaligned(dst.add(i * row_bytes) as *mut [u8; ES], v);
+                        }
+                    }
                 }
             }
         }
