@@ -343,12 +343,10 @@ impl Sink<'_> {
 /// Distance between tile rows: the row length padded so that consecutive rows do not fall in the same
 /// cache set (rows a multiple of 4 KiB apart all compete for the same few L1 ways).
 fn tile_pitch(row_bytes: usize) -> usize {
-    (row_bytes / 64 + 1) * 64
-        + if (row_bytes / 64 + 1) % 64 == 0 {
-            64
-        } else {
-            0
-        }
+    let lines = row_bytes.div_ceil(64);
+    // An odd number of cache lines never lands rows on the same set.
+    64 * (lines | 1)
+}
 }
 
 /// Rows `r0..r1` of a transposed source block, gathered tile by tile into row-major order.
