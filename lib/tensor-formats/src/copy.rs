@@ -347,7 +347,6 @@ fn tile_pitch(row_bytes: usize) -> usize {
     // An odd number of cache lines never lands rows on the same set.
     64 * (lines | 1)
 }
-}
 
 /// Rows `r0..r1` of a transposed source block, gathered tile by tile into row-major order.
 struct Band<'a> {
