@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, FIXTURES, ROOT, load_in_torch21, run
+from conftest import BIN, FIXTURES, ROOT, load_in_torch21, run, tensor_digest
 
 sys.path.insert(0, str(ROOT / "tests" / "reference"))
 import nxd_reference as N  # noqa: E402
@@ -118,3 +118,25 @@ def test_seed_layout_dry_run_from_config_alone(tmp_path):
     lines = [l for l in p.stdout.splitlines() if l.startswith("dp_rank_")]
     assert len(lines) == 256 and len(set(l.split()[0] for l in lines)) == 256
     assert not (tmp_path / "out").exists()
+
+
+def test_split_xser_layout_loads_like_nxd_training_checkpoint(tmp_path):
+    """--xser-layout split writes NxD's training-checkpoint form; NxD's loader (torch 2.1.2, and 2.15 with the
+    class allow-listed) reads the same tensors as the converter form, made contiguous."""
+    from test_xser import LOAD
+
+    src = FIXTURES / "models" / "gqa_llama3"
+    flags = ["--tp", "2", "--pp", "2", "--qkv-linear", "--quiet"]
+    run([NX_SHARD, "--input", src, "--output", tmp_path / "plain", *flags])
+    run([NX_SHARD, "--input", src, "--output", tmp_path / "split", "--xser-layout", "split", *flags])
+    manifest = [json.loads(l) for l in (tmp_path / "split" / "nx-shard.manifest.jsonl").read_text().splitlines()]
+    for f in sorted((tmp_path / "plain" / "model").glob("*.pt")):
+        want = {k: [str(t.dtype).replace("torch.", ""), list(t.shape), list(t.contiguous().stride()), tensor_digest(t)]
+                for k, t in torch.load(f, weights_only=True).items()}
+        split = tmp_path / "split" / "model" / f.name
+        for python in (sys.executable, __import__("conftest").PY21):
+            got = json.loads(run([python, "-c", LOAD, split]).stdout)
+            assert got == want, python
+        n = len(want)
+        assert len(list((tmp_path / "split" / "model" / (f.name + ".tensors")).iterdir())) == n
+        assert sum(1 for m in manifest if m["path"].startswith(f"model/{f.name}")) == n + 2

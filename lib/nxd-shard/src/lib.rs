@@ -33,10 +33,12 @@ use suite_support::worksplit::WorkSlice;
 use tensor_formats::DType;
 
 use crate::input::{default_config_path, sources, Input};
-use crate::write::write_file;
+use crate::write::{write_file, write_split_file};
 
 /// The manifest `kind` of shard files.
 pub const MANIFEST_KIND: &str = "nxd-shard";
+/// Manifest `kind` of the side files of the split xser layout (`.info.pt`, `tensor_<i>.pt`).
+pub const SIDE_FILE_KIND: &str = "nxd-xser-part";
 
 /// The default manifest file name, inside the output directory.
 pub const MANIFEST_FILE_NAME: &str = "nx-shard.manifest.jsonl";
@@ -84,6 +86,9 @@ pub struct ShardOptions {
     pub force: bool,
     /// Also create the empty `<file>.tensors/` directories of NxD's `--save_xser`.
     pub xser: bool,
+    /// Write NxD's training-checkpoint xser layout instead (`TensorReference`s in the file, one
+    /// `<file>.tensors/tensor_<i>.pt` per tensor, `<file>.info.pt`), which NxD's loader also reads.
+    pub xser_split: bool,
     /// Show a progress bar (only ever on a terminal).
     pub progress: bool,
 }
@@ -220,10 +225,12 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
         .map(|&i| {
             let f = &plan.files[i];
             let path = model_dir.join(&f.file_name);
-            (
-                i,
-                write_file(f, &views, &path, opts.xser, &progress, &publisher),
-            )
+            let result = if opts.xser_split {
+                write_split_file(f, &views, &path, &progress, &publisher)
+            } else {
+                write_file(f, &views, &path, opts.xser, &progress, &publisher)
+            };
+            (i, result)
         })
         .collect();
     progress.finish();
@@ -240,6 +247,16 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
             .with_context(|| format!("writing {}", relative_path(f)))
             .map_err(ToolError::classify)?;
         written.push(relative_path(f));
+        for side in w.side_files {
+            records.push(
+                ManifestRecord::new(
+                    format!("{MODEL_DIR}/{}", side.name),
+                    side.bytes,
+                    side.sha256,
+                )
+                .with_kind(SIDE_FILE_KIND),
+            );
+        }
         records.push(record(f, w.bytes, w.sha256));
     }
     // Skipped files are described too, so a resumed run's manifest covers every output.

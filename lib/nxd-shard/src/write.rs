@@ -5,16 +5,30 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use nxd_layout::{FilePlan, TensorPlan};
-use suite_support::atomic::{AtomicFile, Publisher};
+use suite_support::atomic::{remove_stale_partials, AtomicFile, Publisher};
 use suite_support::hash::HashingWriter;
 use suite_support::progress::Progress;
 use tensor_formats::copy::{write_concat, write_view, Part};
 use tensor_formats::torch::{archive_name_for, write_pt, PtRoot, PtStorage, PtTensor};
+use tensor_formats::xser::{write_training_layout_with, SplitTensor};
 use tensor_formats::{DType, FormatError, Layout, TensorRef};
 
 /// What writing a file produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
+    /// File size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Other files written for it (the split xser layout's `.info.pt` and `tensor_<i>.pt`).
+    pub side_files: Vec<SideFile>,
+}
+
+/// A file written beside a shard file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideFile {
+    /// Path relative to the shard file's directory.
+    pub name: String,
     /// File size in bytes.
     pub bytes: u64,
     /// SHA-256 of the file, lowercase hex.
@@ -135,7 +149,84 @@ pub fn write_file(
             .with_context(|| format!("creating the xser directory {}", dir.display()))?;
     }
     publisher.submit(out.finish()?);
-    Ok(Written { bytes, sha256 })
+    Ok(Written {
+        bytes,
+        sha256,
+        side_files: Vec::new(),
+    })
+}
+
+/// Writes `file` in NxD's training-checkpoint xser layout: every tensor (contiguous, as training
+/// saves it) in `<path>.tensors/tensor_<i>.pt`, the `<path>.info.pt` index, and `path` itself last,
+/// holding `TensorReference`s. Each file is atomic and published through `publisher`.
+pub fn write_split_file(
+    file: &FilePlan,
+    views: &[TensorRef<'_>],
+    path: &Path,
+    progress: &Progress,
+    publisher: &Publisher,
+) -> Result<Written> {
+    let dir = tensor_formats::xser::tensors_dir(path);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    remove_stale_partials(&dir).with_context(|| format!("cleaning up {}", dir.display()))?;
+    // Training checkpoints hold plain contiguous tensors: no transposed storage.
+    let plans: Vec<TensorPlan> = file
+        .tensors
+        .iter()
+        .map(|t| TensorPlan {
+            stored_transposed: false,
+            ..t.clone()
+        })
+        .collect();
+    let specs = plans
+        .iter()
+        .map(|t| {
+            Ok(SplitTensor {
+                name: t.name.clone(),
+                dtype: tensor_dtype(t)?,
+                shape: t.shape.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let mut written = Vec::new();
+    write_training_layout_with(
+        path,
+        &specs,
+        |i, w| {
+            let n = write_tensor(&plans[i], views, w)
+                .map_err(|e| e.context(format!("tensor {}", plans[i].name)))?;
+            progress.inc(n);
+            Ok(())
+        },
+        |p| {
+            let out = AtomicFile::create(p).map_err(|e| FormatError::Stream(e.into()))?;
+            Ok(HashingWriter::new(out))
+        },
+        |p, hashing| {
+            let (out, sha256, bytes) = hashing.finish();
+            publisher.submit(out.finish().map_err(|e| FormatError::Stream(e.into()))?);
+            let name = p
+                .strip_prefix(parent)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned();
+            written.push(SideFile {
+                name,
+                bytes,
+                sha256,
+            });
+            Ok(())
+        },
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    // The last file written is the reference file itself.
+    let main = written.pop().expect("the reference file is always written");
+    Ok(Written {
+        bytes: main.bytes,
+        sha256: main.sha256,
+        side_files: written,
+    })
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use tensor_formats::safetensors::{
     plan_shards, render_index, shard_file_name, SafetensorsWriter, ShardedCheckpoint, TensorSpec,
 };
 use tensor_formats::torch::{archive_name_for, write_pt, PtFile, PtRoot, PtStorage, PtTensor};
-use tensor_formats::xser::NxdFile;
+use tensor_formats::xser::{write_training_layout, NxdFile};
 use tensor_formats::{FormatError, TensorRef};
 
 /// A checkpoint of either family.
@@ -235,13 +235,7 @@ fn to_xser_split(input: &str, output: &str) -> tensor_formats::Result<()> {
     let main = std::path::Path::new(output);
     let dir = tensor_formats::xser::tensors_dir(main);
     std::fs::create_dir_all(&dir).map_err(|e| FormatError::io(&dir, e))?;
-    tensor_formats::xser::write_training_layout(
-        main,
-        &tensors,
-        None,
-        create,
-        |mut w| Ok(w.flush()?),
-    )
+    write_training_layout(main, &tensors, None, create, |mut w| Ok(w.flush()?))
 }
 
 fn main() -> ExitCode {

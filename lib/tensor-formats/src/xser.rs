@@ -183,58 +183,90 @@ pub fn write_info_file<W: Write>(
     write_archive(out, archive, &p.finish(), &[], |_, _| Ok(()))
 }
 
-/// Writes the NxD training-checkpoint layout for `tensors`: `<main>.tensors/tensor_<i>.pt` (each a bare
-/// contiguous tensor, in `out_dtype` if given), `<main>.info.pt`, then the reference file `main` itself last.
-///
-/// `create(path)` opens an output (the caller decides how: atomic temp files, plain files) and `commit`
-/// finishes it; the `.tensors` directory must exist.
+/// Writes the NxD training-checkpoint layout of existing tensor views (see
+/// [`write_training_layout_with`]), converting float tensors to `out_dtype` when given.
 pub fn write_training_layout<W: Write>(
     main: &Path,
     tensors: &[(String, TensorRef<'_>)],
     out_dtype: Option<DType>,
-    mut create: impl FnMut(&Path) -> Result<W>,
+    create: impl FnMut(&Path) -> Result<W>,
     mut commit: impl FnMut(W) -> Result<()>,
 ) -> Result<()> {
-    let mut infos = Vec::with_capacity(tensors.len());
-    for (tid, (name, view)) in tensors.iter().enumerate() {
-        let dtype = out_dtype
-            .filter(|_| view.dtype.is_float())
-            .unwrap_or(view.dtype);
+    let dtype_of = |t: &TensorRef<'_>| out_dtype.filter(|_| t.dtype.is_float()).unwrap_or(t.dtype);
+    let specs: Vec<SplitTensor> = tensors
+        .iter()
+        .map(|(name, t)| SplitTensor {
+            name: name.clone(),
+            dtype: dtype_of(t),
+            shape: t.layout.shape.clone(),
+        })
+        .collect();
+    write_training_layout_with(
+        main,
+        &specs,
+        |i, w| write_view(&Part::whole(tensors[i].1), specs[i].dtype, w).map(|_| ()),
+        create,
+        |_, w| commit(w),
+    )
+}
+
+/// A tensor of the training-checkpoint layout: written contiguous, as NxD's `t.cpu()` saves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitTensor {
+    /// Key in the reference file.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (the bytes are row-major).
+    pub shape: Vec<usize>,
+}
+
+/// Writes the NxD training-checkpoint layout: `<main>.tensors/tensor_<i>.pt` (each a bare contiguous
+/// tensor whose bytes `fill(i, out)` writes), `<main>.info.pt`, then the reference file `main` last.
+///
+/// `create(path)` opens an output (the caller decides how: atomic temporary files, plain files) and
+/// `commit(path, out)` finishes it; the `.tensors` directory must exist.
+pub fn write_training_layout_with<W: Write>(
+    main: &Path,
+    tensors: &[SplitTensor],
+    mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
+    mut create: impl FnMut(&Path) -> Result<W>,
+    mut commit: impl FnMut(&Path, W) -> Result<()>,
+) -> Result<()> {
+    for (tid, t) in tensors.iter().enumerate() {
         let path = tensor_file(main, tid);
         let spec = PtTensor {
-            name: name.clone(),
-            dtype,
-            layout: crate::view::Layout::contiguous(&view.layout.shape),
+            name: t.name.clone(),
+            dtype: t.dtype,
+            layout: crate::view::Layout::contiguous(&t.shape),
             storage: 0,
             requires_grad: false,
         };
         let storages = [PtStorage {
-            dtype,
-            numel: view.layout.numel(),
+            dtype: t.dtype,
+            numel: spec.layout.numel(),
         }];
-        let out = create(&path)?;
         let out = write_pt(
-            out,
+            create(&path)?,
             &archive_name_for(&path),
             &PtRoot::Tensor(spec),
             &storages,
-            |_, w| write_view(&Part::whole(*view), dtype, w).map(|_| ()),
+            |_, w| fill(tid, w),
         )?;
-        commit(out)?;
-        infos.push((dtype, view.layout.shape.clone()));
+        commit(&path, out)?;
     }
+    let infos: Vec<(DType, Vec<usize>)> =
+        tensors.iter().map(|t| (t.dtype, t.shape.clone())).collect();
     let info = info_file(main);
-    commit(write_info_file(
-        create(&info)?,
-        &archive_name_for(&info),
-        &infos,
-    )?)?;
-    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-    commit(write_reference_file(
-        create(main)?,
-        &archive_name_for(main),
-        &names,
-    )?)
+    commit(
+        &info,
+        write_info_file(create(&info)?, &archive_name_for(&info), &infos)?,
+    )?;
+    let names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
+    commit(
+        main,
+        write_reference_file(create(main)?, &archive_name_for(main), &names)?,
+    )
 }
 
 #[cfg(test)]

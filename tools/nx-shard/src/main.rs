@@ -125,6 +125,13 @@ struct Args {
           action = ArgAction::Set)]
     xser: bool,
 
+    /// xser layout: `converter` (what convert_checkpoints.py --save_xser writes: inline tensors plus an
+    /// empty .pt.tensors/ dir) or `split` (NxD's training-checkpoint layout: TensorReferences,
+    /// .pt.tensors/tensor_<i>.pt, .pt.info.pt). Implies --xser.
+    #[arg(long, value_name = "converter|split", default_value = "converter",
+          value_parser = ["converter", "split"])]
+    xser_layout: String,
+
     /// Accepted for NxD compatibility and ignored (the input is always a full checkpoint).
     #[arg(long = "convert_from_full_state", alias = "convert-from-full-state", value_name = "BOOL",
           num_args = 0..=1, default_value = "false", default_missing_value = "true",
@@ -206,7 +213,8 @@ fn options(a: Args) -> ShardOptions {
         dry_run: a.dry_run,
         manifest,
         force: a.force,
-        xser: a.xser,
+        xser: a.xser || a.xser_layout == "split",
+        xser_split: a.xser_layout == "split",
         progress: !a.quiet,
     }
 }
