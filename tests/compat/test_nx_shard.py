@@ -140,3 +140,53 @@ def test_split_xser_layout_loads_like_nxd_training_checkpoint(tmp_path):
         n = len(want)
         assert len(list((tmp_path / "split" / "model" / (f.name + ".tensors")).iterdir())) == n
         assert sum(1 for m in manifest if m["path"].startswith(f"model/{f.name}")) == n + 2
+
+
+def test_killed_runs_leave_only_complete_files_and_resume(tmp_path):
+    """SIGKILL at various points: every file under a final name is complete (loads, equals a clean run), and a
+    rerun finishes the set."""
+    import signal
+    import subprocess
+    import time
+
+    src = FIXTURES / "models" / "gqa_7l_tied"
+    flags = ["--tp", "8", "--pp", "3", "--qkv-linear", "--kv-size-multiplier", "2", "--jobs", "1", "--quiet"]
+    clean = tmp_path / "clean"
+    run([NX_SHARD, "--input", src, "--output", clean, *flags])
+    want = {f.name: f.read_bytes() for f in (clean / "model").glob("*.pt")}
+    killed = 0
+    for attempt, delay in enumerate([0.0, 0.005, 0.01, 0.02, 0.04, 0.08]):
+        out = tmp_path / f"o{attempt}"
+        p = subprocess.Popen([str(NX_SHARD), "--input", str(src), "--output", str(out), *flags],
+                             stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        killed += p.wait() == -signal.SIGKILL
+        for f in (out / "model").glob("*.pt") if (out / "model").exists() else []:
+            assert f.read_bytes() == want[f.name], f"{f.name} under its final name is not complete"
+        run([NX_SHARD, "--input", src, "--output", out, *flags])
+        got = {f.name: f.read_bytes() for f in (out / "model").glob("*.pt")}
+        assert got == want
+        assert not [f for f in (out / "model").iterdir() if ".partial-" in f.name]
+    assert killed >= 1
+
+
+def test_full_disk_is_exit_3_and_keeps_finished_files(tmp_path):
+    """A 5 MB filesystem (tmpfs) fills up: one-line error with the fix, exit 3, no partial file under a final
+    name; the files that were finished stay."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "tmpfs", str(small)], check=True)
+    try:
+        src = FIXTURES / "models" / "gqa_llama3"
+        p = run([NX_SHARD, "--input", src, "--output", small / "out", "--tp", "2", "--pp", "2", "--quiet"], check=False)
+        assert p.returncode == 3, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "No space left" in lines[0] and "free space" in lines[0]
+        for f in (small / "out" / "model").iterdir():
+            assert ".partial-" not in f.name
+            torch.load(f, weights_only=True)  # every file left is complete
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
