@@ -17,6 +17,17 @@ tmp="$(mktemp)"
   echo "measures the engine alone; the memcpy row is the physical limit for the same bytes."
   echo
   "$root/target/release/examples/copy_bench"
+  echo
+  echo "## nx-shard: seed layout next to cp -r and the Python seed path"
+  echo
+  echo "Command: \`BENCH_GB=<size> bash scripts/bench-nx-shard.sh\`. Wall time includes a final \`sync\`; the page cache"
+  echo "is warm for every contender. Peak RssAnon counts heap memory only (mapped checkpoint pages are not"
+  echo "counted). The Python path is \`from_pretrained\` + \`torch.save\` (the seed's save step, in bf16), then a"
+  echo "faithful Python model of NxD's converter (tests/reference/nxd_reference.py), since NxD itself cannot be"
+  echo "installed here; both paths produce the same tensors (checked by the script)."
+  echo
+  BENCH_GB=1.5 bash "$root/scripts/bench-nx-shard.sh"
+  BENCH_GB=3 bash "$root/scripts/bench-nx-shard.sh"
 } > "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out" >&2
