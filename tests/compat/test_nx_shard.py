@@ -190,3 +190,67 @@ def test_full_disk_is_exit_3_and_keeps_finished_files(tmp_path):
             torch.load(f, weights_only=True)  # every file left is complete
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_bad_inputs_get_one_line_errors_and_write_nothing(tmp_path):
+    import shutil
+
+    src = FIXTURES / "models" / "gqa_llama3"
+
+    def variant(name, edit):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        edit(d)
+        return d
+
+    def drop_config(d):
+        (d / "config.json").unlink()
+
+    def bad_heads(d):
+        c = json.loads((d / "config.json").read_text())
+        c["num_key_value_heads"] = 3
+        (d / "config.json").write_text(json.dumps(c))
+
+    def wrong_hidden(d):
+        c = json.loads((d / "config.json").read_text())
+        c["intermediate_size"] = 768
+        (d / "config.json").write_text(json.dumps(c))
+
+    def missing_tensor(d):
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        idx["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00003.safetensors"
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+        c = json.loads((d / "config.json").read_text())
+        c["num_hidden_layers"] = 10
+        (d / "config.json").write_text(json.dumps(c))
+
+    def truncated(d):
+        f = d / "model-00002-of-00003.safetensors"
+        f.write_bytes(f.read_bytes()[:-1000])
+
+    cases = {
+        "no_config": (drop_config, "config.json"),
+        "bad_heads": (bad_heads, "num_key_value_heads"),
+        "wrong_shape": (wrong_hidden, "shape"),
+        "missing_tensor": (missing_tensor, "model.layers"),
+        "truncated": (truncated, "model-00002-of-00003.safetensors"),
+    }
+    for name, (edit, needle) in cases.items():
+        d = variant(name, edit)
+        out = tmp_path / f"out_{name}"
+        p = run([NX_SHARD, "--input", d, "--output", out, "--tp", "2", "--quiet"], check=False)
+        assert p.returncode == 2, (name, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (name, p.stderr)
+        assert not list(out.rglob("*.pt")), name
+
+
+def test_output_dir_of_another_layout_is_refused(tmp_path):
+    src = FIXTURES / "models" / "gqa_llama3"
+    out = tmp_path / "o"
+    run([NX_SHARD, "--input", src, "--output", out, "--tp", "2", "--pp", "2", "--quiet"])
+    before = {f.name: f.read_bytes() for f in (out / "model").iterdir()}
+    for flags, needle in ((["--pp", "1"], "another layout"), (["--pp", "2", "--qkv-linear"], "not this layout")):
+        p = run([NX_SHARD, "--input", src, "--output", out, "--tp", "2", *flags, "--quiet"], check=False)
+        assert p.returncode == 2 and needle in p.stderr, p.stderr
+    assert {f.name: f.read_bytes() for f in (out / "model").iterdir()} == before

@@ -163,8 +163,8 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
         return Ok(Outcome::default());
     };
 
-    let input = Input::open(input_path).map_err(ToolError::classify)?;
-    let tensors = input.tensors().map_err(ToolError::classify)?;
+    let input = Input::open(input_path).map_err(ToolError::usage)?;
+    let tensors = input.tensors().map_err(ToolError::usage)?;
     let (srcs, views) = sources(tensors, opts.dtype);
     let plan = make_plan(&model, &opts.parallel, &srcs)?;
     if opts.dry_run {
@@ -190,13 +190,17 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
             .map_err(ToolError::io)?;
     }
 
-    // Existing outputs are kept (resume) unless --force.
+    if !opts.force {
+        refuse_other_layouts(&model_dir, &plan)?;
+    }
+    // Existing outputs are kept (resume) unless --force, once checked to be this plan's files.
     let mut todo = Vec::new();
     let mut skipped = Vec::new();
     for &i in &mine {
         let f = &plan.files[i];
         let path = model_dir.join(&f.file_name);
         if !opts.force && path.is_file() {
+            check_existing(&path, f, opts.xser_split)?;
             if opts.xser {
                 let dir = tensor_formats::xser::tensors_dir(&path);
                 std::fs::create_dir_all(&dir)
@@ -281,6 +285,68 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
             .map(|&i| relative_path(&plan.files[i]))
             .collect(),
     })
+}
+
+/// Refuses an output directory holding shard files this plan would not write (another tp/pp layout):
+/// resuming into it would mix two layouts.
+fn refuse_other_layouts(model_dir: &Path, plan: &ShardPlan) -> Result<(), ToolError> {
+    let expected: std::collections::HashSet<&str> =
+        plan.files.iter().map(|f| f.file_name.as_str()).collect();
+    let entries = std::fs::read_dir(model_dir)
+        .with_context(|| format!("reading {}", model_dir.display()))
+        .map_err(ToolError::io)?;
+    let mut strays: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.starts_with("dp_rank_") && n.ends_with(".pt") && !expected.contains(n.as_str())
+        })
+        .collect();
+    strays.sort();
+    match strays.first() {
+        None => Ok(()),
+        Some(first) => Err(usage(anyhow!(
+            "{} holds {} shard file(s) of another layout (e.g. {first}); choose another --output or pass --force",
+            model_dir.display(),
+            strays.len()
+        ))),
+    }
+}
+
+/// Checks that an existing output has exactly the planned tensors (names in order, shapes, dtypes),
+/// reading only its header, before a rerun keeps it.
+fn check_existing(path: &Path, f: &FilePlan, split: bool) -> Result<(), ToolError> {
+    let mismatch = |why: String| {
+        usage(anyhow!(
+            "{} is not this layout's file ({why}); choose another --output or pass --force",
+            path.display()
+        ))
+    };
+    let file = tensor_formats::xser::NxdFile::open(path)
+        .map_err(|e| mismatch(format!("unreadable: {e}")))?;
+    if split != file.has_references() {
+        return Err(mismatch("a different xser layout".into()));
+    }
+    let found = file.tensors().map_err(|e| mismatch(e.to_string()))?;
+    if found.len() != f.tensors.len() {
+        return Err(mismatch(format!(
+            "{} tensors, expected {}",
+            found.len(),
+            f.tensors.len()
+        )));
+    }
+    for ((name, view), t) in found.iter().zip(&f.tensors) {
+        if *name != t.name
+            || view.layout.shape != t.shape
+            || view.dtype.safetensors_name() != t.dtype
+        {
+            return Err(mismatch(format!(
+                "tensor {name} {:?} {}, expected {} {:?} {}",
+                view.layout.shape, view.dtype, t.name, t.shape, t.dtype
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn record(f: &FilePlan, bytes: u64, sha256: String) -> ManifestRecord {
