@@ -456,11 +456,21 @@ fn rerun_skips_and_force_rewrites() {
     let victim = out_file(&out, 1, 1);
     let first = fs::read(&victim).unwrap();
     let manifest1 = fs::read_to_string(out.join("nx-shard.manifest.jsonl")).unwrap();
-    // Mark a finished file: a rerun must keep it untouched.
-    fs::write(&victim, b"kept").unwrap();
+    // A finished file is kept untouched by a rerun (same inode and modification time).
+    let ident = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(p).unwrap();
+        (m.ino(), m.modified().unwrap())
+    };
+    let before = ident(&victim);
     let o = ok(&args);
-    assert_eq!(fs::read(&victim).unwrap(), b"kept");
+    assert_eq!(ident(&victim), before);
     assert!(String::from_utf8_lossy(&o.stderr).contains("keeping existing"));
+    // A file under a shard name that is not this layout's file is refused, not kept.
+    fs::write(&victim, b"kept").unwrap();
+    let refused = run(&args);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not this layout's file"));
     // A deleted file is recreated identically on resume.
     fs::remove_file(&victim).unwrap();
     ok(&args);
