@@ -38,19 +38,22 @@ fn corrupt(msg: impl Into<String>) -> FormatError {
 }
 
 fn u16_at(b: &[u8], at: usize) -> Result<u16> {
-    b.get(at..at + 2)
+    at.checked_add(2)
+        .and_then(|end| b.get(at..end))
         .map(|s| u16::from_le_bytes([s[0], s[1]]))
         .ok_or_else(|| corrupt("zip structure runs past the end of the file (truncated?)"))
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32> {
-    b.get(at..at + 4)
+    at.checked_add(4)
+        .and_then(|end| b.get(at..end))
         .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
         .ok_or_else(|| corrupt("zip structure runs past the end of the file (truncated?)"))
 }
 
 fn u64_at(b: &[u8], at: usize) -> Result<u64> {
-    b.get(at..at + 8)
+    at.checked_add(8)
+        .and_then(|end| b.get(at..end))
         .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
         .ok_or_else(|| corrupt("zip structure runs past the end of the file (truncated?)"))
 }
@@ -90,9 +93,9 @@ pub fn read_central_directory(bytes: &[u8]) -> Result<Vec<ZipRecord>> {
                 "zip64 locator points at something that is not a zip64 end record",
             ));
         }
-        count = u64_at(bytes, z64 + 32)?;
-        cd_size = u64_at(bytes, z64 + 40)?;
-        cd_offset = u64_at(bytes, z64 + 48)?;
+        count = u64_at(bytes, z64.saturating_add(32))?;
+        cd_size = u64_at(bytes, z64.saturating_add(40))?;
+        cd_offset = u64_at(bytes, z64.saturating_add(48))?;
     }
     let cd_start = to_usize(cd_offset)?;
     let cd_end = cd_start
@@ -138,8 +141,8 @@ pub fn read_central_directory(bytes: &[u8]) -> Result<Vec<ZipRecord>> {
                 "record {name}: no local header at offset {lh}"
             )));
         }
-        let local_name_len = u16_at(bytes, lh + 26)? as u64;
-        let local_extra_len = u16_at(bytes, lh + 28)? as u64;
+        let local_name_len = u16_at(bytes, lh.saturating_add(26))? as u64;
+        let local_extra_len = u16_at(bytes, lh.saturating_add(28))? as u64;
         let data_offset = header_offset + 30 + local_name_len + local_extra_len;
         if data_offset
             .checked_add(compressed_size)
@@ -460,6 +463,30 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    #[test]
+    fn offsets_near_the_address_limit_are_errors_not_overflows() {
+        // Found by fuzzing: a zip64 locator or local header offset close to usize::MAX.
+        let mut z = ZipWriter::new(Vec::new());
+        z.write_record("a/data.pkl", b"hello").unwrap();
+        let bytes = z.finish().unwrap();
+        let locator = bytes
+            .windows(4)
+            .rposition(|w| w == ZIP64_LOCATOR_SIG.to_le_bytes())
+            .unwrap();
+        for bad in [u64::MAX, u64::MAX - 10, usize::MAX as u64 - 30] {
+            let mut b = bytes.clone();
+            b[locator + 8..locator + 16].copy_from_slice(&bad.to_le_bytes());
+            assert!(read_central_directory(&b).is_err());
+        }
+        let central = bytes
+            .windows(4)
+            .position(|w| w == CENTRAL_SIG.to_le_bytes())
+            .unwrap();
+        let mut b = bytes.clone();
+        b[central + 42..central + 46].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        assert!(read_central_directory(&b).is_err());
     }
 
     #[test]
