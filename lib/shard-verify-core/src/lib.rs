@@ -13,10 +13,8 @@
 //!    embeddings) is bit-identical across ranks, and the vocabulary rows are covered once.
 //!
 //! [`verify`] runs them and returns a [`Report`] (human summary with a tp x pp grid, or JSON).
-//! [`args::LayoutArgs`] holds the layout flags, shareable with `nx-shard`.
 #![warn(missing_docs)]
 
-pub mod args;
 pub mod cross;
 pub mod manifest_check;
 pub mod names;

@@ -7,13 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use nxd_layout::{HwBackend, ParallelConfig};
+use nxd_cli::{parse_dtype, parse_flag, DtypeChoice, LayoutArgs};
 use nxd_unshard::{
     run, ManifestTarget, OutputFormat, TagChoice, UnshardOptions, DEFAULT_MAX_SHARD_SIZE,
 };
 use suite_support::exit::{run_tool, ToolError, EXIT_CODES_HELP};
 use suite_support::size::{format_size, parse_size};
-use tensor_formats::DType;
 
 const AFTER_HELP: &str = "\
 Input: the directory nx-shard (or NxD's convert_checkpoints.py) wrote, i.e. the one holding
@@ -45,34 +44,6 @@ Examples:
   ckpt-unshard --input_dir nxd/model --output_dir full --config config.json --tp_size 8 \\
       --qkv_linear 1 --load_xser 1 --convert_to_full_state --format pt
 ";
-
-/// Boolean flag values: `1/0`, `true/false`, `yes/no`, `on/off` (a bare flag means true).
-fn parse_flag(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" | "y" | "t" => Ok(true),
-        "0" | "false" | "no" | "off" | "n" | "f" | "" => Ok(false),
-        _ => Err(format!("expected true/false or 1/0, got {s:?}")),
-    }
-}
-
-/// `--dtype`: `None` keeps the shards' dtypes.
-#[derive(Debug, Clone, Copy)]
-struct DtypeChoice(Option<DType>);
-
-/// `keep`, or a float dtype (`bf16`, `fp32`, `fp16`).
-fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
-    if s.eq_ignore_ascii_case("keep") {
-        return Ok(DtypeChoice(None));
-    }
-    match DType::parse_user(s) {
-        Some(d) if d.is_float() => Ok(DtypeChoice(Some(d))),
-        _ => Err(format!("expected keep, bf16 or fp32, got {s:?}")),
-    }
-}
-
-fn parse_hw(s: &str) -> Result<HwBackend, String> {
-    s.parse()
-}
 
 fn parse_max_shard_size(s: &str) -> Result<u64, String> {
     match parse_size(s) {
@@ -113,65 +84,10 @@ struct Args {
     #[arg(long, value_name = "TAG|latest")]
     tag: Option<String>,
 
-    /// Tensor-parallel degree the shards were written with.
-    #[arg(long, visible_alias = "tp_size", default_value_t = 1, value_name = "N")]
-    tp: usize,
-
-    /// Pipeline-parallel degree.
-    #[arg(long, visible_alias = "pp_size", default_value_t = 1, value_name = "N")]
-    pp: usize,
-
-    /// Virtual pipeline stages per pp rank.
-    #[arg(
-        long,
-        visible_alias = "virtual_pp_size",
-        default_value_t = 1,
-        value_name = "N"
-    )]
-    vpp: usize,
-
-    /// How many times the kv heads were replicated (with --qkv-linear).
-    #[arg(
-        long,
-        visible_alias = "kv_size_multiplier",
-        default_value_t = 1,
-        value_name = "N"
-    )]
-    kv_size_multiplier: usize,
-
-    /// GQA QKV layout (qkv_proj.weight_q/_k/_v).
-    #[arg(long, visible_alias = "qkv_linear", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    qkv_linear: bool,
-
-    /// One fused qkv_proj.weight_qkv per layer (with --qkv-linear).
-    #[arg(long, visible_alias = "fuse_qkv", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    fuse_qkv: bool,
-
-    /// One qkv_proj.weight per layer (multi-head attention, without --qkv-linear).
-    #[arg(long, visible_alias = "coalesce_qkv", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    coalesce_qkv: bool,
-
-    /// Hardware backend the shards were written for: trn1 or trn2 (q-head placement differs).
-    #[arg(long, visible_alias = "hw_backend", default_value = "trn1", value_parser = parse_hw,
-          value_name = "trn1|trn2")]
-    hw_backend: HwBackend,
-
-    /// Accept trn2 + qkv_linear layouts with NxD's tiled kv heads (as nx-shard's flag).
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false",
-          default_missing_value = "true", value_parser = parse_flag, action = ArgAction::Set)]
-    allow_nxd_trn2_kv_tiling: bool,
-
-    /// Accepted for NxD compatibility and ignored (every shard form is detected).
-    #[arg(long = "load_xser", alias = "load-xser", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set, hide = true)]
-    load_xser: bool,
+    /// The layout the shards were written with (`--xser` is accepted and ignored: every shard form
+    /// is detected).
+    #[command(flatten)]
+    layout: LayoutArgs,
 
     /// Accepted for NxD compatibility and ignored (this tool always converts to a full state).
     #[arg(long = "convert_to_full_state", alias = "convert-to-full-state", value_name = "BOOL",
@@ -212,7 +128,7 @@ struct Args {
 }
 
 fn options(a: Args) -> UnshardOptions {
-    let _ = (a.load_xser, a.convert_to_full_state);
+    let _ = a.convert_to_full_state;
     let manifest = match a.manifest {
         None => ManifestTarget::Default,
         Some(p) if p.as_os_str() == "-" => ManifestTarget::Stdout,
@@ -223,17 +139,7 @@ fn options(a: Args) -> UnshardOptions {
         output: a.output,
         config: a.config,
         tag: a.tag.as_deref().map(TagChoice::parse),
-        parallel: ParallelConfig {
-            tp: a.tp,
-            pp: a.pp,
-            vpp: a.vpp,
-            kv_size_multiplier: a.kv_size_multiplier,
-            qkv_linear: a.qkv_linear,
-            fuse_qkv: a.fuse_qkv,
-            coalesce_qkv: a.coalesce_qkv,
-            hw: a.hw_backend,
-            allow_nxd_trn2_kv_tiling: a.allow_nxd_trn2_kv_tiling,
-        },
+        parallel: a.layout.parallel(),
         format: match a.format {
             Format::Safetensors => OutputFormat::Safetensors,
             Format::Pt => OutputFormat::Pt,

@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
-use nxd_layout::{HwBackend, ParallelConfig};
+use nxd_cli::{parse_dtype, parse_flag, DtypeChoice, LayoutArgs};
 use nxd_shard::{run, ManifestTarget, ShardOptions};
 use suite_support::exit::{run_tool, ToolError, EXIT_CODES_HELP};
-use tensor_formats::DType;
 
 const AFTER_HELP: &str = "\
 Output: <OUTPUT>/model/dp_rank_00_tp_rank_XX_pp_rank_YY.pt, one file per tp x pp rank, exactly
@@ -29,34 +28,6 @@ Examples:
   srun -n 4 nx-shard --input Llama-3-70B --output nxd --tp 32 --pp 8   # 4 ranks share the files
 ";
 
-/// Boolean flag values: `1/0`, `true/false`, `yes/no`, `on/off` (a bare flag means true).
-fn parse_flag(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" | "y" | "t" => Ok(true),
-        "0" | "false" | "no" | "off" | "n" | "f" | "" => Ok(false),
-        _ => Err(format!("expected true/false or 1/0, got {s:?}")),
-    }
-}
-
-/// `--dtype`: `None` keeps the source dtype.
-#[derive(Debug, Clone, Copy)]
-struct DtypeChoice(Option<DType>);
-
-/// `keep`, or a float dtype (`bf16`, `fp32`, `fp16`).
-fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
-    if s.eq_ignore_ascii_case("keep") {
-        return Ok(DtypeChoice(None));
-    }
-    match DType::parse_user(s) {
-        Some(d) if d.is_float() => Ok(DtypeChoice(Some(d))),
-        _ => Err(format!("expected keep, bf16 or fp32, got {s:?}")),
-    }
-}
-
-fn parse_hw(s: &str) -> Result<HwBackend, String> {
-    s.parse()
-}
-
 /// Convert a Hugging Face Llama checkpoint into NxD (neuronx-distributed) TP x PP shards.
 #[derive(Debug, Parser)]
 #[command(name = "nx-shard", version, after_help = format!("{AFTER_HELP}\n{EXIT_CODES_HELP}"))]
@@ -70,60 +41,8 @@ struct Args {
     #[arg(long, visible_alias = "output_dir", value_name = "DIR")]
     output: Option<PathBuf>,
 
-    /// Tensor-parallel degree.
-    #[arg(long, visible_alias = "tp_size", default_value_t = 1, value_name = "N")]
-    tp: usize,
-
-    /// Pipeline-parallel degree.
-    #[arg(long, visible_alias = "pp_size", default_value_t = 1, value_name = "N")]
-    pp: usize,
-
-    /// Virtual pipeline stages per pp rank.
-    #[arg(
-        long,
-        visible_alias = "virtual_pp_size",
-        default_value_t = 1,
-        value_name = "N"
-    )]
-    vpp: usize,
-
-    /// Replicate the kv heads this many times (with --qkv-linear).
-    #[arg(
-        long,
-        visible_alias = "kv_size_multiplier",
-        default_value_t = 1,
-        value_name = "N"
-    )]
-    kv_size_multiplier: usize,
-
-    /// GQA QKV layout (qkv_proj.weight_q/_k/_v).
-    #[arg(long, visible_alias = "qkv_linear", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    qkv_linear: bool,
-
-    /// One fused qkv_proj.weight_qkv per layer (with --qkv-linear).
-    #[arg(long, visible_alias = "fuse_qkv", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    fuse_qkv: bool,
-
-    /// One qkv_proj.weight per layer (multi-head attention, without --qkv-linear).
-    #[arg(long, visible_alias = "coalesce_qkv", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    coalesce_qkv: bool,
-
-    /// Hardware backend: trn1 or trn2 (q-head placement differs).
-    #[arg(long, visible_alias = "hw_backend", default_value = "trn1", value_parser = parse_hw,
-          value_name = "trn1|trn2")]
-    hw_backend: HwBackend,
-
-    /// Also create the empty <file>.pt.tensors/ directories NxD's --save_xser makes.
-    #[arg(long, visible_alias = "save_xser", value_name = "BOOL", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_flag,
-          action = ArgAction::Set)]
-    xser: bool,
+    #[command(flatten)]
+    layout: LayoutArgs,
 
     /// xser layout: `converter` (what convert_checkpoints.py --save_xser writes: inline tensors plus an
     /// empty .pt.tensors/ dir) or `split` (NxD's training-checkpoint layout: TensorReferences,
@@ -173,12 +92,6 @@ struct Args {
     #[arg(long)]
     force: bool,
 
-    /// Accept trn2 + qkv_linear layouts that are not HF-GQA-consistent and reproduce NxD's
-    /// tiled output exactly.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false",
-          default_missing_value = "true", value_parser = parse_flag, action = ArgAction::Set)]
-    allow_nxd_trn2_kv_tiling: bool,
-
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -195,17 +108,7 @@ fn options(a: Args) -> ShardOptions {
         input: a.input,
         output: a.output,
         config: a.config,
-        parallel: ParallelConfig {
-            tp: a.tp,
-            pp: a.pp,
-            vpp: a.vpp,
-            kv_size_multiplier: a.kv_size_multiplier,
-            qkv_linear: a.qkv_linear,
-            fuse_qkv: a.fuse_qkv,
-            coalesce_qkv: a.coalesce_qkv,
-            hw: a.hw_backend,
-            allow_nxd_trn2_kv_tiling: a.allow_nxd_trn2_kv_tiling,
-        },
+        parallel: a.layout.parallel(),
         dtype: a.dtype.0,
         jobs: a.jobs,
         rank: a.rank,
@@ -213,7 +116,7 @@ fn options(a: Args) -> ShardOptions {
         dry_run: a.dry_run,
         manifest,
         force: a.force,
-        xser: a.xser || a.xser_layout == "split",
+        xser: a.layout.xser || a.xser_layout == "split",
         xser_split: a.xser_layout == "split",
         progress: !a.quiet,
     }

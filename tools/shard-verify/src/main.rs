@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::anyhow;
 use clap::Parser;
-use shard_verify_core::args::LayoutArgs;
+use nxd_cli::LayoutArgs;
 use shard_verify_core::{verify, VerifyOptions};
 use suite_support::exit::{run_tool, ToolError, EXIT_CODES_HELP};
 

@@ -1,4 +1,4 @@
-//! The layout flags shared by the tools that write or read an NxD shard set (`nx-shard`,
+//! The layout flags shared by the tools that write or read an NxD shard set (`nx-shard`, `ckpt-unshard`,
 //! `shard-verify`), with NxD's `convert_checkpoints.py` spellings as aliases.
 //!
 //! Flatten [`LayoutArgs`] into a clap parser with `#[command(flatten)]`; [`LayoutArgs::parallel`]
@@ -6,6 +6,7 @@
 
 use clap::{ArgAction, Args};
 use nxd_layout::{HwBackend, ParallelConfig};
+use tensor_formats::DType;
 
 /// Boolean flag values: `1/0`, `true/false`, `yes/no`, `on/off` (a bare flag means true).
 ///
@@ -16,6 +17,21 @@ pub fn parse_flag(s: &str) -> Result<bool, String> {
         "1" | "true" | "yes" | "on" | "y" | "t" => Ok(true),
         "0" | "false" | "no" | "off" | "n" | "f" | "" => Ok(false),
         _ => Err(format!("expected true/false or 1/0, got {s:?}")),
+    }
+}
+
+/// The value of `--dtype`: `None` keeps each tensor's dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DtypeChoice(pub Option<DType>);
+
+/// `--dtype`: `keep`, or a float dtype (`bf16`, `fp32`, `fp16`).
+pub fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
+    if s.eq_ignore_ascii_case("keep") {
+        return Ok(DtypeChoice(None));
+    }
+    match DType::parse_user(s) {
+        Some(d) if d.is_float() => Ok(DtypeChoice(Some(d))),
+        _ => Err(format!("expected keep, bf16 or fp32, got {s:?}")),
     }
 }
 
