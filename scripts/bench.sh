@@ -28,6 +28,18 @@ tmp="$(mktemp)"
   echo
   BENCH_GB=1.5 bash "$root/scripts/bench-nx-shard.sh"
   BENCH_GB=3 bash "$root/scripts/bench-nx-shard.sh"
+  echo
+  echo "## ckpt-unshard"
+  echo
+  echo "Command: \`bash scripts/bench-ckpt-unshard.sh\`."
+  echo
+  bash "$root/scripts/bench-ckpt-unshard.sh"
+  echo
+  echo "## shard-verify"
+  echo
+  echo "Command: \`bash scripts/bench-shard-verify.sh\`. Files in the page cache: CPU and parsing, not the disk."
+  echo
+  bash "$root/scripts/bench-shard-verify.sh"
 } > "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out" >&2
