@@ -113,6 +113,16 @@ fn main() {
         },
     );
     run(
+        "concat of 32 transposed column blocks (unshard o_proj stored transposed)",
+        &mut |o| {
+            let stored = whole.transpose(0, 1);
+            let parts: Vec<Part> = (0..32)
+                .map(|r| stored.narrow(1, r * n / 32, n / 32).unwrap())
+                .collect();
+            write_concat(&parts, 1, DType::BF16, o).unwrap()
+        },
+    );
+    run(
         "kv repeat x4 (dim-0 parts listed 4 times, 1/8 of rows)",
         &mut |o| {
             let kv = whole.narrow(0, 0, n / 8).unwrap();

@@ -122,6 +122,12 @@ pub fn write_concat(
     if shape.contains(&0) {
         return Ok(0);
     }
+    if let Some(blocks) = transposed_column_blocks(parts, dim) {
+        // Every part is a column block of a transposed matrix (unsharding o_proj): one tiled pass.
+        sink.transpose_blocks(parts[0].dtype, shape[0], &blocks)?;
+        sink.flush()?;
+        return Ok(sink.written);
+    }
     let mut index = vec![0usize; dim];
     for _ in 0..outer {
         for p in parts {
@@ -149,6 +155,29 @@ pub fn write_concat(
     }
     sink.flush()?;
     Ok(sink.written)
+}
+
+/// The parts as column blocks when they are 2-D, of one dtype, stored transposed (row stride 1) and
+/// concatenated along dim 1; `None` otherwise.
+fn transposed_column_blocks<'a>(parts: &[Part<'a>], dim: usize) -> Option<Vec<ColumnBlock<'a>>> {
+    let dtype = parts.first()?.dtype;
+    if dim != 1 || parts.len() < 2 {
+        return None;
+    }
+    parts
+        .iter()
+        .map(|p| {
+            let l = &p.layout;
+            (l.shape.len() == 2 && l.strides[0] == 1 && l.shape[0] > 1 && p.dtype == dtype).then(
+                || ColumnBlock {
+                    storage: p.storage,
+                    base: l.offset,
+                    cols: l.shape[1],
+                    col_stride: l.strides[1],
+                },
+            )
+        })
+        .collect()
 }
 
 /// Writes the row-major bytes of one view.
@@ -261,7 +290,15 @@ impl Sink<'_> {
                 &shape[..nd - 2],
                 &strides[..nd - 2],
                 layout.offset,
-                |sink, off| sink.transpose_block(dtype, storage, off, rows, cols, col_stride),
+                |sink, off| {
+                    let block = ColumnBlock {
+                        storage,
+                        base: off,
+                        cols,
+                        col_stride,
+                    };
+                    sink.transpose_blocks(dtype, rows, std::slice::from_ref(&block))
+                },
             )
         } else {
             // Fully strided: element by element.
@@ -297,35 +334,37 @@ impl Sink<'_> {
         Ok(())
     }
 
-    /// Writes a `rows x cols` output block whose source element (r, c) is at `base + r + c * col_stride`.
-    fn transpose_block(
+    /// Writes a `rows x (sum of block widths)` output whose columns come from `blocks` side by side:
+    /// in block b, source element (r, c) is at `base + r + c * col_stride` of its storage. One
+    /// transposed view is a single block; a concatenation of transposed views along the last dim is
+    /// several.
+    fn transpose_blocks(
         &mut self,
         dtype: DType,
-        storage: &[u8],
-        base: usize,
         rows: usize,
-        cols: usize,
-        col_stride: usize,
+        blocks: &[ColumnBlock<'_>],
     ) -> Result<()> {
-        let row_bytes = cols * dtype.size();
+        let row_bytes = blocks.iter().map(|b| b.cols).sum::<usize>() * dtype.size();
         let pitch = tile_pitch(row_bytes);
         let mut tile = vec![0u8; TILE.min(rows) * pitch];
         for r0 in (0..rows).step_by(TILE) {
             let r1 = (r0 + TILE).min(rows);
-            let band = Band {
-                storage,
-                base,
-                r0,
-                r1,
-                cols,
-                col_stride,
-                pitch,
-            };
-            match dtype.size() {
-                1 => band.gather::<1>(&mut tile),
-                2 => band.gather::<2>(&mut tile),
-                4 => band.gather::<4>(&mut tile),
-                _ => band.gather::<8>(&mut tile),
+            let mut col_offset = 0;
+            for block in blocks {
+                let band = Band {
+                    block,
+                    r0,
+                    r1,
+                    pitch,
+                    col_offset,
+                };
+                match dtype.size() {
+                    1 => band.gather::<1>(&mut tile),
+                    2 => band.gather::<2>(&mut tile),
+                    4 => band.gather::<4>(&mut tile),
+                    _ => band.gather::<8>(&mut tile),
+                }
+                col_offset += block.cols;
             }
             for r in 0..r1 - r0 {
                 self.emit_gathered(dtype, &tile[r * pitch..r * pitch + row_bytes])?;
@@ -348,42 +387,47 @@ fn tile_pitch(row_bytes: usize) -> usize {
     64 * (lines | 1)
 }
 
-/// Rows `r0..r1` of a transposed source block, gathered tile by tile into row-major order.
-struct Band<'a> {
+/// Columns of an output whose source is stored transposed: element (r, c) at `base + r + c * col_stride`.
+struct ColumnBlock<'a> {
     storage: &'a [u8],
     base: usize,
-    r0: usize,
-    r1: usize,
     cols: usize,
     col_stride: usize,
-    pitch: usize,
 }
 
-impl Band<'_> {
+/// Rows `r0..r1` of a [`ColumnBlock`], gathered into a tile at column `col_offset`.
+struct Band<'a, 'b> {
+    block: &'b ColumnBlock<'a>,
+    r0: usize,
+    r1: usize,
+    pitch: usize,
+    col_offset: usize,
+}
+
+impl Band<'_, '_> {
     /// `ES` (the element size) is a constant so every element move is a single load and store.
     fn gather<const ES: usize>(&self, tile: &mut [u8]) {
-        // Small square blocks keep the source rows and tile rows touched at once within the TLB.
         // Rows: one source cache line of elements; columns: few enough source rows (a multiple of 4 KiB
         // apart, so in one cache set) to fit the L1 ways.
         let row_block = 64 / ES;
         const COL_BLOCK: usize = 8;
-        let row_bytes = self.pitch;
+        let b = self.block;
         let rows = self.r1 - self.r0;
-        assert!(tile.len() >= rows * row_bytes && self.cols * ES <= row_bytes);
+        assert!(tile.len() >= rows * self.pitch && (self.col_offset + b.cols) * ES <= self.pitch);
         for rb in (0..rows).step_by(row_block) {
             let re = (rb + row_block).min(rows);
-            for cb in (0..self.cols).step_by(COL_BLOCK) {
-                for c in cb..(cb + COL_BLOCK).min(self.cols) {
-                    let start = (self.base + c * self.col_stride + self.r0 + rb) * ES;
-                    let col = &self.storage[start..start + (re - rb) * ES];
+            for cb in (0..b.cols).step_by(COL_BLOCK) {
+                for c in cb..(cb + COL_BLOCK).min(b.cols) {
+                    let start = (b.base + c * b.col_stride + self.r0 + rb) * ES;
+                    let col = &b.storage[start..start + (re - rb) * ES];
                     let src = col.as_ptr() as *const [u8; ES];
-                    let dst = tile[rb * row_bytes + c * ES..].as_mut_ptr();
+                    let dst = tile[rb * self.pitch + (self.col_offset + c) * ES..].as_mut_ptr();
                     for i in 0..re - rb {
-                        // SAFETY: i < re - rb, the length of `col` in elements; and c < cols, i < rows,
-                        // so the ES bytes at (rb + i) * row_bytes + c * ES lie inside the tile (asserted).
+                        // SAFETY: i < re - rb, the length of `col` in elements; and rb + i < rows and
+                        // col_offset + c < pitch / ES, so the ES bytes written lie inside the tile (asserted).
                         unsafe {
                             let v = std::ptr::read_unaligned(src.add(i));
-                            std::ptr::write_unaligned(dst.add(i * row_bytes) as *mut [u8; ES], v);
+                            std::ptr::write_unaligned(dst.add(i * self.pitch) as *mut [u8; ES], v);
                         }
                     }
                 }
@@ -525,6 +569,36 @@ mod tests {
             storage: &src,
         };
         assert!(write_view(&part, DType::F32, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn concat_of_narrowed_transposed_blocks_is_exact() {
+        // o_proj shards: column blocks of one [rows, cols] matrix stored transposed, in a shuffled order.
+        let (r, c) = (130usize, 96usize);
+        let data: Vec<u32> = (0..(r * c) as u32)
+            .map(|x| x.wrapping_mul(2654435761))
+            .collect();
+        let storage = bytes_of(&data);
+        let base = Layout::contiguous(&[c, r]).transpose(0, 1); // logical [r, c], strides (1, r)
+        let cuts = [(40usize, 16usize), (0, 40), (56, 40)];
+        let layouts: Vec<Layout> = cuts
+            .iter()
+            .map(|&(s, n)| base.narrow(1, s, n).unwrap())
+            .collect();
+        let parts: Vec<Part> = layouts
+            .iter()
+            .map(|l| Part {
+                dtype: DType::I32,
+                layout: l.clone(),
+                storage: &storage,
+            })
+            .collect();
+        assert!(transposed_column_blocks(&parts, 1).is_some());
+        let mut out = Vec::new();
+        write_concat(&parts, 1, DType::I32, &mut out).unwrap();
+        let reference_parts: Vec<(Layout, Vec<u32>)> =
+            layouts.iter().map(|l| (l.clone(), data.clone())).collect();
+        assert_eq!(out, bytes_of(&reference(&reference_parts, 1)));
     }
 
     #[test]
