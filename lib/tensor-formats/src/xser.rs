@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::copy::{write_view, Part};
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
-use crate::torch::pickle::{TensorValue, Value};
+use crate::torch::pickle::{for_each_named, TensorValue, Value};
 use crate::torch::pickle_write::Pickler;
 use crate::torch::{
     archive_name_for, write_archive, write_pt, PtFile, PtRoot, PtStorage, PtTensor,
@@ -72,8 +72,7 @@ impl NxdFile {
     pub fn open(path: impl AsRef<Path>) -> Result<NxdFile> {
         let path = path.as_ref();
         let main = PtFile::open(path)?;
-        let mut entries = Vec::new();
-        collect(main.root(), String::new(), &mut entries);
+        let entries = collect(main.root());
         let mut referenced = BTreeMap::new();
         for (name, loc) in &entries {
             if let Location::Referenced(tid) = loc {
@@ -133,30 +132,16 @@ impl NxdFile {
     }
 }
 
-fn collect(v: &Value, prefix: String, out: &mut Vec<(String, Location)>) {
-    if let Some(tid) = reference_tid(v) {
-        out.push((prefix, Location::Referenced(tid)));
-        return;
-    }
-    match v {
-        Value::Tensor(t) => out.push((prefix, Location::Inline(t.clone()))),
-        Value::Dict(items) => {
-            for (k, v) in items {
-                let key = match k {
-                    Value::Str(s) => s.clone(),
-                    Value::Int(i) => i.to_string(),
-                    _ => continue,
-                };
-                let name = if prefix.is_empty() {
-                    key
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                collect(v, name, out);
-            }
+fn collect(root: &Value) -> Vec<(String, Location)> {
+    let mut out = Vec::new();
+    for_each_named(root, &mut |name, v| {
+        if let Some(tid) = reference_tid(v) {
+            out.push((name, Location::Referenced(tid)));
+        } else if let Value::Tensor(t) = v {
+            out.push((name, Location::Inline(t.clone())));
         }
-        _ => {}
-    }
+    });
+    out
 }
 
 /// Writes an xser reference file: `{name: TensorReference(i)}` for the i-th name.

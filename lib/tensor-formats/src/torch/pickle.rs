@@ -99,6 +99,30 @@ impl Value {
     }
 }
 
+/// Calls `leaf(name, value)` for every value that is not a dict, found under dict keys (str or int)
+/// from `root`, with the keys joined by dots (`model.layers.0.x`); a non-dict root is named `""`.
+pub fn for_each_named<'a>(root: &'a Value, leaf: &mut dyn FnMut(String, &'a Value)) {
+    fn walk<'a>(v: &'a Value, prefix: String, leaf: &mut dyn FnMut(String, &'a Value)) {
+        let Value::Dict(items) = v else {
+            return leaf(prefix, v);
+        };
+        for (k, v) in items {
+            let key = match k {
+                Value::Str(s) => s.clone(),
+                Value::Int(i) => i.to_string(),
+                _ => continue,
+            };
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            walk(v, name, leaf);
+        }
+    }
+    walk(root, String::new(), leaf)
+}
+
 /// GLOBALs this unpickler will resolve. Anything else is refused before it is used.
 fn allowed_global(module: &str, name: &str) -> Option<Callable> {
     Some(match (module, name) {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::pickle::{unpickle, TensorValue, Value};
+use super::pickle::{for_each_named, unpickle, TensorValue, Value};
 use super::zip::{read_central_directory, ZipRecord};
 use crate::error::{FormatError, Result};
 use crate::view::TensorRef;
@@ -153,30 +153,12 @@ impl PtArchive {
     /// Non-tensor leaves (ints, strings, xser references...) are skipped.
     pub fn named_tensors(&self) -> Vec<(String, &TensorValue)> {
         let mut out = Vec::new();
-        collect_tensors(&self.root, String::new(), &mut out);
-        out
-    }
-}
-
-fn collect_tensors<'a>(v: &'a Value, prefix: String, out: &mut Vec<(String, &'a TensorValue)>) {
-    match v {
-        Value::Tensor(t) => out.push((prefix, t)),
-        Value::Dict(items) => {
-            for (k, v) in items {
-                let key = match k {
-                    Value::Str(s) => s.clone(),
-                    Value::Int(i) => i.to_string(),
-                    _ => continue,
-                };
-                let name = if prefix.is_empty() {
-                    key
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                collect_tensors(v, name, out);
+        for_each_named(&self.root, &mut |name, v| {
+            if let Value::Tensor(t) = v {
+                out.push((name, t));
             }
-        }
-        _ => {}
+        });
+        out
     }
 }
 

@@ -193,6 +193,27 @@ fn apply_zip64_extra(
     Ok(())
 }
 
+/// The zip64 extra field (id 1) miniz writes when the size or the header offset does not fit in 32 bits:
+/// `[size, compressed size]` if the size is saturated, then `[offset]` if the offset is; empty otherwise.
+fn zip64_extra(size: u64, compressed_size: u64, header_offset: u64) -> Vec<u8> {
+    let big_size = size >= SATURATED;
+    let big_offset = header_offset >= SATURATED;
+    let mut extra = Vec::new();
+    if big_size || big_offset {
+        let len = if big_size { 16u16 } else { 0 } + if big_offset { 8 } else { 0 };
+        extra.extend_from_slice(&1u16.to_le_bytes());
+        extra.extend_from_slice(&len.to_le_bytes());
+        if big_size {
+            extra.extend_from_slice(&size.to_le_bytes());
+            extra.extend_from_slice(&compressed_size.to_le_bytes());
+        }
+        if big_offset {
+            extra.extend_from_slice(&header_offset.to_le_bytes());
+        }
+    }
+    extra
+}
+
 /// An entry already written, kept for the central directory.
 struct WrittenEntry {
     name: String,
@@ -242,22 +263,8 @@ impl<W: Write> ZipWriter<W> {
             ));
         }
         let header_offset = self.cursor;
-        let big_size = size >= SATURATED;
-        let big_offset = header_offset >= SATURATED;
-        let mut zip64 = Vec::new();
-        if big_size || big_offset {
-            let len = if big_size { 16 } else { 0 } + if big_offset { 8 } else { 0 };
-            zip64.extend_from_slice(&1u16.to_le_bytes());
-            zip64.extend_from_slice(&(len as u16).to_le_bytes());
-            if big_size {
-                zip64.extend_from_slice(&size.to_le_bytes());
-                // miniz does not know the compressed size yet and writes 0 here.
-                zip64.extend_from_slice(&0u64.to_le_bytes());
-            }
-            if big_offset {
-                zip64.extend_from_slice(&header_offset.to_le_bytes());
-            }
-        }
+        // miniz does not know the compressed size yet and writes 0 for it in the local header.
+        let zip64 = zip64_extra(size, 0, header_offset);
         let start = header_offset + 30 + name.len() as u64 + zip64.len() as u64 + 4;
         let pad = (ALIGNMENT - start % ALIGNMENT) % ALIGNMENT;
         let flags: u16 = if size == 0 { 0x0800 } else { 0x0808 };
@@ -336,21 +343,7 @@ impl<W: Write> ZipWriter<W> {
         let cd_offset = self.cursor;
         let mut cd = Vec::new();
         for e in &self.entries {
-            let big_size = e.size >= SATURATED;
-            let big_offset = e.header_offset >= SATURATED;
-            let mut zip64 = Vec::new();
-            if big_size || big_offset {
-                let len = if big_size { 16 } else { 0 } + if big_offset { 8 } else { 0 };
-                zip64.extend_from_slice(&1u16.to_le_bytes());
-                zip64.extend_from_slice(&(len as u16).to_le_bytes());
-                if big_size {
-                    zip64.extend_from_slice(&e.size.to_le_bytes());
-                    zip64.extend_from_slice(&e.size.to_le_bytes());
-                }
-                if big_offset {
-                    zip64.extend_from_slice(&e.header_offset.to_le_bytes());
-                }
-            }
+            let zip64 = zip64_extra(e.size, e.size, e.header_offset);
             let size32 = e.size.min(SATURATED) as u32;
             let flags: u16 = if e.size == 0 { 0x0800 } else { 0x0808 };
             cd.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
