@@ -18,16 +18,16 @@
 pub mod input;
 pub mod write;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use nxd_layout::{expected_source_tensors, plan, FilePlan, ModelConfig, ParallelConfig, ShardPlan};
 use rayon::prelude::*;
-use suite_support::atomic::{remove_stale_partials, AtomicFile, Publisher};
+use suite_support::atomic::{remove_stale_partials, Publisher};
 use suite_support::exit::ToolError;
 use suite_support::hash::sha256_file;
-use suite_support::manifest::{write_manifest, ManifestRecord};
+use suite_support::manifest::ManifestRecord;
+pub use suite_support::manifest::ManifestTarget;
 use suite_support::progress::Progress;
 use suite_support::worksplit::WorkSlice;
 use tensor_formats::DType;
@@ -45,18 +45,6 @@ pub const MANIFEST_FILE_NAME: &str = "nx-shard.manifest.jsonl";
 
 /// Subdirectory of the output directory holding the shard files (as NxD writes them).
 pub const MODEL_DIR: &str = "model";
-
-/// Where the manifest goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ManifestTarget {
-    /// `<output>/nx-shard.manifest.jsonl` (with `--world` > 1:
-    /// `<output>/nx-shard.manifest.rank-R-of-W.jsonl`, so ranks do not overwrite each other).
-    Default,
-    /// Standard output (`--manifest -`).
-    Stdout,
-    /// This file.
-    File(PathBuf),
-}
 
 /// Everything `nx-shard` is asked to do.
 #[derive(Debug, Clone)]
@@ -375,27 +363,8 @@ fn write_manifest_to(
     slice: WorkSlice,
     records: &[ManifestRecord],
 ) -> Result<(), ToolError> {
-    let path = match target {
-        ManifestTarget::Stdout => {
-            let stdout = std::io::stdout();
-            let mut lock = stdout.lock();
-            write_manifest(&mut lock, records)
-                .context("writing the manifest to stdout")
-                .map_err(ToolError::io)?;
-            return lock
-                .flush()
-                .context("writing the manifest to stdout")
-                .map_err(ToolError::io);
-        }
-        ManifestTarget::Default => default_manifest_path(output, slice),
-        ManifestTarget::File(p) => p.clone(),
-    };
-    let ctx = || format!("writing the manifest {}", path.display());
-    let mut file = AtomicFile::create(&path)
-        .with_context(ctx)
-        .map_err(ToolError::io)?;
-    write_manifest(&mut file, records)
-        .with_context(ctx)
-        .map_err(ToolError::io)?;
-    file.commit().with_context(ctx).map_err(ToolError::io)
+    target
+        .write(&default_manifest_path(output, slice), records)
+        .context("writing the manifest")
+        .map_err(ToolError::io)
 }

@@ -36,7 +36,8 @@ use nxd_shard::input::planned_dtype;
 use nxd_shard::read_model_config;
 use suite_support::atomic::AtomicDir;
 use suite_support::exit::ToolError;
-use suite_support::manifest::{write_manifest, ManifestRecord};
+use suite_support::manifest::ManifestRecord;
+pub use suite_support::manifest::ManifestTarget;
 use suite_support::progress::Progress;
 use tensor_formats::DType;
 
@@ -63,19 +64,6 @@ pub enum OutputFormat {
     Safetensors,
     /// NxD's `--convert_to_full_state` output: one `checkpoint.pt`.
     Pt,
-}
-
-/// Where the manifest goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum ManifestTarget {
-    /// `<output>/ckpt-unshard.manifest.jsonl`, written into the output directory before it is
-    /// renamed into place.
-    #[default]
-    Default,
-    /// Standard output (`--manifest -`).
-    Stdout,
-    /// This file, written once the output directory is in place.
-    File(PathBuf),
 }
 
 /// Everything `ckpt-unshard` is asked to do.
@@ -254,18 +242,21 @@ pub fn run(opts: &UnshardOptions) -> Result<Outcome, ToolError> {
         }
     }
     let files_written: Vec<String> = records.iter().map(|r| r.path.clone()).collect();
+    // The default manifest is part of the output directory, so it goes in before the rename.
+    let write_manifest = |default: &Path| {
+        opts.manifest
+            .write(default, &records)
+            .context("writing the manifest")
+            .map_err(ToolError::io)
+    };
     if opts.manifest == ManifestTarget::Default {
-        write_manifest_file(&dir.path().join(MANIFEST_FILE_NAME), &records)?;
+        write_manifest(&dir.path().join(MANIFEST_FILE_NAME))?;
     }
     dir.commit()
         .context("renaming the finished output into place")
         .map_err(ToolError::io)?;
-    match &opts.manifest {
-        ManifestTarget::Default => {}
-        ManifestTarget::Stdout => write_manifest(std::io::stdout().lock(), &records)
-            .context("writing the manifest to stdout")
-            .map_err(ToolError::io)?,
-        ManifestTarget::File(p) => write_manifest_file(p, &records)?,
+    if opts.manifest != ManifestTarget::Default {
+        write_manifest(&opts.output.join(MANIFEST_FILE_NAME))?;
     }
     Ok(Outcome {
         files: files_written,
@@ -274,10 +265,4 @@ pub fn run(opts: &UnshardOptions) -> Result<Outcome, ToolError> {
         tag: located.tag,
         replicas,
     })
-}
-
-fn write_manifest_file(path: &Path, records: &[ManifestRecord]) -> Result<(), ToolError> {
-    suite_support::manifest::write_manifest_file(path, records)
-        .with_context(|| format!("writing the manifest {}", path.display()))
-        .map_err(ToolError::io)
 }

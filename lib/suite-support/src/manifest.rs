@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -308,6 +308,43 @@ pub fn write_manifest_file(
     let mut file = AtomicFile::create(path)?;
     write_manifest(&mut file, records)?;
     Ok(file.commit()?)
+}
+
+/// Where a tool's `--manifest` goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ManifestTarget {
+    /// The tool's default file (next to or inside its output).
+    #[default]
+    Default,
+    /// Standard output (`--manifest -`), for piping into another tool.
+    Stdout,
+    /// This file.
+    File(PathBuf),
+}
+
+impl ManifestTarget {
+    /// From the `--manifest` argument: absent means the default, `-` standard output.
+    pub fn from_arg(arg: Option<PathBuf>) -> ManifestTarget {
+        match arg {
+            None => ManifestTarget::Default,
+            Some(p) if p.as_os_str() == "-" => ManifestTarget::Stdout,
+            Some(p) => ManifestTarget::File(p),
+        }
+    }
+
+    /// Writes `records` to the target; `default` is the file [`ManifestTarget::Default`] stands for.
+    /// Files are written atomically.
+    pub fn write(&self, default: &Path, records: &[ManifestRecord]) -> Result<(), ManifestError> {
+        match self {
+            ManifestTarget::Stdout => {
+                let mut out = std::io::stdout().lock();
+                write_manifest(&mut out, records)?;
+                out.flush().map_err(ManifestError::Write)
+            }
+            ManifestTarget::Default => write_manifest_file(default, records),
+            ManifestTarget::File(p) => write_manifest_file(p, records),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -129,11 +129,7 @@ struct Args {
 
 fn options(a: Args) -> UnshardOptions {
     let _ = a.convert_to_full_state;
-    let manifest = match a.manifest {
-        None => ManifestTarget::Default,
-        Some(p) if p.as_os_str() == "-" => ManifestTarget::Stdout,
-        Some(p) => ManifestTarget::File(p),
-    };
+    let manifest = ManifestTarget::from_arg(a.manifest);
     UnshardOptions {
         input: a.input,
         output: a.output,

@@ -99,11 +99,7 @@ struct Args {
 
 fn options(a: Args) -> ShardOptions {
     let _ = a.convert_from_full_state;
-    let manifest = match a.manifest {
-        None => ManifestTarget::Default,
-        Some(p) if p.as_os_str() == "-" => ManifestTarget::Stdout,
-        Some(p) => ManifestTarget::File(p),
-    };
+    let manifest = ManifestTarget::from_arg(a.manifest);
     ShardOptions {
         input: a.input,
         output: a.output,
