@@ -4,6 +4,7 @@ ROOT := $(abspath .)
 VENV := $(ROOT)/.venv
 PY := $(VENV)/current/bin/python
 PY21 := $(VENV)/torch21/bin/python
+PYDS3 := $(VENV)/datasets36/bin/python
 FIXTURES := $(ROOT)/fixtures
 BIN := $(ROOT)/target/release
 CARGO ?= cargo
@@ -39,7 +40,7 @@ test-rust:
 	$(CARGO) test --release --workspace
 
 test-compat: venv fixtures build
-	FIXTURES=$(FIXTURES) BIN=$(BIN) PY21=$(PY21) $(PY) -m pytest -q tests/compat tests/reference
+	FIXTURES=$(FIXTURES) BIN=$(BIN) PY21=$(PY21) PY_DATASETS3=$(PYDS3) $(PY) -m pytest -q tests/compat tests/reference
 
 lint:
 	$(CARGO) fmt --all --check

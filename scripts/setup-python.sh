@@ -2,6 +2,7 @@
 # Creates the Python reference environments the compat tests and benchmarks run against, from PyPI, pinned.
 #   .venv/current : torch 2.15 (current) + transformers, safetensors, datasets, huggingface_hub, tokenizers, peft
 #   .venv/torch21 : torch 2.1.2 (the Neuron SDK's torch) + safetensors
+#   .venv/datasets36 : datasets 3.6 (NxD's pin), to load tok-pack's output
 # Idempotent: a venv whose stamp matches the pins is left alone. Uses uv (from PyPI) for speed and its cache.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -13,6 +14,8 @@ current_pins=(
   "huggingface_hub==2.4.0" "tokenizers==0.23.3" "peft==0.21.2" "numpy" "pyarrow" "pytest==9.2.0"
 )
 torch21_pins=( "torch==2.1.2" "numpy<2" "safetensors==0.8.0" "pytest==9.2.0" )
+# NxD pins datasets 3.6: tok-pack's output must load there too.
+datasets36_pins=( "datasets==3.6.0" "pyarrow==26.0.1" )
 
 # uv lives in its own small venv so the system Python is never modified.
 uv="$venvs/uv/bin/uv"
@@ -37,4 +40,5 @@ make_venv() { # name pins...
 
 make_venv current "${current_pins[@]}"
 make_venv torch21 "${torch21_pins[@]}"
+make_venv datasets36 "${datasets36_pins[@]}"
 echo "setup-python: ready ($venvs/current, $venvs/torch21)" >&2

@@ -162,7 +162,10 @@ impl ModelConfig {
                 return Err(field_err(field, "must be a positive integer, got 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(field_err(
                 "num_key_value_heads",
                 format!(

@@ -162,7 +162,7 @@ fn check(m: &ModelConfig, p: &ParallelConfig, suggest: bool) -> Result<(), Layou
         }
     }
 
-    if m.vocab_size % tp != 0 {
+    if !m.vocab_size.is_multiple_of(tp) {
         return refuse(
             Refusal::NxdCrashes,
             sug(format!(
@@ -172,7 +172,7 @@ fn check(m: &ModelConfig, p: &ParallelConfig, suggest: bool) -> Result<(), Layou
             )),
         );
     }
-    if m.intermediate_size % tp != 0 {
+    if !m.intermediate_size.is_multiple_of(tp) {
         return refuse(
             Refusal::NxdCrashes,
             sug(format!(

@@ -355,8 +355,8 @@ fn describe_source(plan: &ShardPlan, g: &Group, head_dim: usize) -> (String, Opt
     let note = if kv
         && g.dim == 0
         && head_dim > 0
-        && g.seg.start % head_dim == 0
-        && g.seg.len() % head_dim == 0
+        && g.seg.start.is_multiple_of(head_dim)
+        && g.seg.len().is_multiple_of(head_dim)
     {
         let (a, b) = (g.seg.start / head_dim, g.seg.end / head_dim);
         Some(if b == a + 1 {
@@ -381,7 +381,7 @@ fn describe_region(plan: &ShardPlan, (slot, tensor, r): &Region) -> String {
     let parts: Vec<String> = r
         .iter()
         .enumerate()
-        .filter(|(d, x)| shape.get(*d).map_or(true, |&n| **x != (0..n)))
+        .filter(|(d, x)| shape.get(*d).is_none_or(|&n| **x != (0..n)))
         .map(|(d, x)| format!("{} {}..{}", dim_word(d), x.start, x.end))
         .collect();
     if parts.is_empty() {

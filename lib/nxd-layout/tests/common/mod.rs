@@ -482,7 +482,7 @@ pub fn nxd_convert(
                             }
                             HwBackend::Trn1 => {
                                 let n = q_heads / (kv_heads * kvm);
-                                if n == 0 || q_heads % n != 0 {
+                                if n == 0 || !q_heads.is_multiple_of(n) {
                                     return Err(format!(
                                         "RuntimeError: shape '[-1, {n}, {head_dim}, {x}]' is invalid"
                                     ));
@@ -652,7 +652,7 @@ pub fn nxd_consistent(
                 }
             }
             let heads = |rs: &[usize]| -> Option<Vec<usize>> {
-                if rs.len() % hd != 0 {
+                if !rs.len().is_multiple_of(hd) {
                     return None;
                 }
                 rs.chunks(hd)
