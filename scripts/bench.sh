@@ -40,6 +40,12 @@ tmp="$(mktemp)"
   echo "Command: \`bash scripts/bench-shard-verify.sh\`. Files in the page cache: CPU and parsing, not the disk."
   echo
   bash "$root/scripts/bench-shard-verify.sh"
+  echo
+  echo "## tok-pack"
+  echo
+  echo "Command: \`bash scripts/bench-tok-pack.sh 50 8192\` (50 MB of real English text, the real Llama 3 tokenizer)."
+  echo
+  bash "$root/scripts/bench-tok-pack.sh" 50 8192
 } > "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out" >&2
