@@ -264,8 +264,20 @@ pub fn run(opts: &ShardOptions) -> Result<Outcome, ToolError> {
             .map_err(ToolError::classify)?;
         records.push(record(f, bytes, sha));
     }
+    records.sort_by(|a, b| a.path.cmp(&b.path));
 
     write_manifest_to(&opts.manifest, output, slice, &records)?;
+    // The last rank to finish joins the per-rank manifests, so a split run needs no extra step
+    // (`--merge-manifests` does the same by hand).
+    if slice.world > 1 && opts.manifest == ManifestTarget::Default {
+        // Other ranks still running is the normal case; anything else is worth a warning but
+        // does not undo this rank's finished work.
+        if let Err(e) = merge_manifests(output) {
+            if e.code != suite_support::exit::DATA_ERROR {
+                eprintln!("{} (this rank's files are done)", e.report("nx-shard"));
+            }
+        }
+    }
     Ok(Outcome {
         written,
         skipped: skipped
@@ -343,6 +355,101 @@ fn record(f: &FilePlan, bytes: u64, sha256: String) -> ManifestRecord {
         .with_extra("tp", f.tp)
         .with_extra("pp", f.pp)
         .with_extra("tensors", f.tensors.len())
+}
+
+/// The per-rank manifest of a split run (`--world > 1`): `rank` and `world` parsed from
+/// `nx-shard.manifest.rank-R-of-W.jsonl`.
+fn parse_rank_manifest_name(name: &str) -> Option<(usize, usize)> {
+    let middle = name
+        .strip_prefix("nx-shard.manifest.rank-")?
+        .strip_suffix(".jsonl")?;
+    let (rank, world) = middle.split_once("-of-")?;
+    Some((rank.parse().ok()?, world.parse().ok()?))
+}
+
+/// Joins the per-rank manifests of a split run (`nx-shard.manifest.rank-R-of-W.jsonl`) into
+/// `<output>/nx-shard.manifest.jsonl`, sorted by path as a single process writes it, and returns
+/// the number of records.
+///
+/// Fails with a data error (exit 1) naming the ranks that have not finished, and with a usage
+/// error when the directory mixes runs of different `--world`, when two ranks list the same file,
+/// or when a listed file is missing or has another size (a stale manifest).
+pub fn merge_manifests(output: &Path) -> Result<usize, ToolError> {
+    let entries = std::fs::read_dir(output)
+        .with_context(|| format!("reading {}", output.display()))
+        .map_err(ToolError::classify)?;
+    let mut ranks = std::collections::BTreeMap::new();
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((rank, world)) = parse_rank_manifest_name(&name) {
+            ranks.insert((world, rank), entry.path());
+        }
+    }
+    let worlds: std::collections::BTreeSet<usize> = ranks.keys().map(|&(w, _)| w).collect();
+    let world = match worlds.iter().collect::<Vec<_>>().as_slice() {
+        [] => return Err(usage(anyhow!(
+            "{} holds no per-rank manifests (nx-shard.manifest.rank-R-of-W.jsonl): run nx-shard \
+                 with --rank/--world (or under Slurm) first",
+            output.display()
+        ))),
+        [w] => **w,
+        _ => {
+            return Err(usage(anyhow!(
+                "{} holds per-rank manifests of runs split {worlds:?} ways: delete the stale \
+                 nx-shard.manifest.rank-*.jsonl files of the other runs",
+                output.display()
+            )))
+        }
+    };
+    let missing: Vec<String> = (0..world)
+        .filter(|r| !ranks.contains_key(&(world, *r)))
+        .map(|r| r.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(ToolError::data(anyhow!(
+            "rank(s) {} of {world} have not finished (no nx-shard.manifest.rank-R-of-{world}.jsonl \
+             in {}): rerun them, then merge again",
+            missing.join(", "),
+            output.display()
+        )));
+    }
+    let mut records: Vec<ManifestRecord> = Vec::new();
+    for path in ranks.values() {
+        let part = suite_support::manifest::read_manifest_path(path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map_err(ToolError::data)?;
+        records.extend(part);
+    }
+    records.sort_by(|a, b| a.path.cmp(&b.path));
+    if let Some(w) = records.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(usage(anyhow!(
+            "{} is listed by two rank manifests in {}: delete the stale \
+             nx-shard.manifest.rank-*.jsonl files and rerun",
+            w[0].path,
+            output.display()
+        )));
+    }
+    for r in &records {
+        let path = output.join(&r.path);
+        let found = std::fs::metadata(&path).map(|m| m.len()).ok();
+        if found != Some(r.bytes) {
+            return Err(usage(anyhow!(
+                "{} is listed in a rank manifest but {}: the manifest is stale; rerun that rank",
+                path.display(),
+                match found {
+                    None => "missing".to_string(),
+                    Some(b) => format!("has {b} bytes, not {}", r.bytes),
+                }
+            )));
+        }
+    }
+    write_manifest_to(
+        &ManifestTarget::Default,
+        output,
+        WorkSlice::new(0, 1).map_err(usage)?,
+        &records,
+    )?;
+    Ok(records.len())
 }
 
 /// The default manifest path for `slice`.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
 use nxd_cli::{parse_dtype, parse_flag, DtypeChoice, LayoutArgs};
-use nxd_shard::{run, ManifestTarget, ShardOptions};
+use nxd_shard::{merge_manifests, run, ManifestTarget, ShardOptions};
 use suite_support::exit::{run_tool, ToolError, EXIT_CODES_HELP};
 
 const AFTER_HELP: &str = "\
@@ -26,6 +26,7 @@ Examples:
   nx-shard --input_dir Llama-3-8B --output_dir nxd --tp_size 8 --pp_size 4 --save_xser 1
   nx-shard --config Llama-3-8B/config.json --tp 8 --pp 4 --dry-run
   srun -n 4 nx-shard --input Llama-3-70B --output nxd --tp 32 --pp 8   # 4 ranks share the files
+  nx-shard --merge-manifests --output nxd   # after a split run: check every rank finished
 ";
 
 /// Convert a Hugging Face Llama checkpoint into NxD (neuronx-distributed) TP x PP shards.
@@ -88,6 +89,11 @@ struct Args {
     #[arg(long, value_name = "FILE|-")]
     manifest: Option<PathBuf>,
 
+    /// Join the per-rank manifests of a split run in --output into nx-shard.manifest.jsonl,
+    /// checking that every rank finished (the last rank to finish does this by itself).
+    #[arg(long, requires = "output")]
+    merge_manifests: bool,
+
     /// Rewrite files that already exist (by default they are kept and skipped).
     #[arg(long)]
     force: bool,
@@ -121,6 +127,12 @@ fn options(a: Args) -> ShardOptions {
 fn main() -> ExitCode {
     let args = Args::parse();
     run_tool("nx-shard", || -> Result<(), ToolError> {
+        if args.merge_manifests {
+            let output = args.output.as_deref().expect("clap requires --output");
+            let n = merge_manifests(output)?;
+            eprintln!("nx-shard: joined the rank manifests: {n} files in nx-shard.manifest.jsonl");
+            return Ok(());
+        }
         let outcome = run(&options(args))?;
         if !outcome.written.is_empty() || !outcome.skipped.is_empty() {
             eprintln!(

@@ -615,3 +615,41 @@ fn full_state_pt_input_gives_the_same_files() {
     parallel.qkv_linear = true;
     check_outputs(&b, &expected_plan(&parallel));
 }
+
+#[test]
+fn split_run_manifests_are_joined_by_the_last_rank_and_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let single = dir.path().join("single");
+    let split = dir.path().join("split");
+    write_checkpoint(&hf);
+    let layout = ["--tp", "2", "--pp", "2"];
+    ok(&[&["--input", s(&hf), "--output", s(&single)], &layout[..]].concat());
+    let rank = |r: &str| {
+        ok(&[
+            &["--input", s(&hf), "--output", s(&split)],
+            &layout[..],
+            &["--rank", r, "--world", "3"],
+        ]
+        .concat())
+    };
+    let joined = split.join("nx-shard.manifest.jsonl");
+    rank("0");
+    rank("2");
+    assert!(!joined.exists(), "joined before every rank finished");
+    let early = run(&["--merge-manifests", "--output", s(&split)]);
+    assert_eq!(early.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&early.stderr);
+    assert!(msg.contains("rank(s) 1 of 3 have not finished"), "{msg}");
+    rank("1");
+    let single_manifest = fs::read_to_string(single.join("nx-shard.manifest.jsonl")).unwrap();
+    assert_eq!(fs::read_to_string(&joined).unwrap(), single_manifest);
+    fs::remove_file(&joined).unwrap();
+    ok(&["--merge-manifests", "--output", s(&split)]);
+    assert_eq!(fs::read_to_string(&joined).unwrap(), single_manifest);
+    // A rank manifest naming a file that is gone is stale: refused, not joined.
+    fs::remove_file(out_file(&split, 0, 0)).unwrap();
+    let stale = run(&["--merge-manifests", "--output", s(&split)]);
+    assert_eq!(stale.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("stale"));
+}
