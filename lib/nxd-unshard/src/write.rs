@@ -3,37 +3,22 @@
 //! from the mapped shard files through the strided-copy engine; every file is written under a
 //! temporary name and renamed when complete.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
+pub use checkpoint_write::{copy_small_file, Written};
+use checkpoint_write::{write_pt_file, PtEntry, TensorSource};
 use nxd_layout::{UnshardTensor, EMBED, NORM};
-use rayon::prelude::*;
-use suite_support::atomic::AtomicFile;
-use suite_support::hash::HashingWriter;
 use suite_support::manifest::ManifestRecord;
 use suite_support::progress::Progress;
 use tensor_formats::copy::{write_concat, write_view, Part};
-use tensor_formats::safetensors::{
-    plan_shards, render_index, shard_file_name, SafetensorsWriter, TensorSpec, INDEX_FILE_NAME,
-};
-use tensor_formats::torch::{archive_name_for, write_pt, PtRoot, PtStorage, PtTensor};
-use tensor_formats::{DType, FormatError, Layout};
+use tensor_formats::{DType, FormatError};
 
 use crate::shards::ShardTensors;
 
 /// The file name of `--format pt` output (what NxD's `--convert_to_full_state` writes).
 pub const PT_FILE_NAME: &str = "checkpoint.pt";
-
-/// What writing a file produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Written {
-    /// File size in bytes.
-    pub bytes: u64,
-    /// SHA-256 of the file, lowercase hex.
-    pub sha256: String,
-}
 
 /// One tensor of the output: what to rebuild, and the dtype to write it in.
 #[derive(Debug, Clone, Copy)]
@@ -104,31 +89,33 @@ pub fn write_tensor(
     Ok(n)
 }
 
-/// Writes one file atomically through a hashing writer: `fill` writes the bytes.
-fn write_atomic<F>(path: &Path, fill: F) -> Result<Written>
-where
-    F: FnOnce(HashingWriter<AtomicFile>) -> Result<HashingWriter<AtomicFile>>,
-{
-    let out = AtomicFile::create(path)?;
-    let hashing =
-        fill(HashingWriter::new(out)).with_context(|| format!("writing {}", path.display()))?;
-    let (out, sha256, bytes) = hashing.finish();
-    out.commit()?;
-    Ok(Written { bytes, sha256 })
+/// An output tensor together with the shards it is rebuilt from: what the shared checkpoint
+/// writers consume.
+struct Source<'a, 'p> {
+    t: OutTensor<'p>,
+    shards: &'a [ShardTensors<'a>],
 }
 
-/// Copies a small file (`config.json`) to `dir/name`.
-pub fn copy_small_file(src: &Path, dir: &Path, name: &str) -> Result<Written> {
-    let bytes = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
-    write_atomic(&dir.join(name), |mut h| {
-        h.write_all(&bytes)?;
-        Ok(h)
-    })
+impl TensorSource for Source<'_, '_> {
+    fn name(&self) -> &str {
+        &self.t.tensor.name
+    }
+    fn dtype(&self) -> DType {
+        self.t.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.t.tensor.shape
+    }
+    fn write_to(&self, out: &mut dyn Write) -> Result<u64> {
+        Ok(write_tensor(&self.t, self.shards, out)?)
+    }
 }
 
-/// One written file, relative to the output directory, for the manifest.
-fn record(name: &str, w: &Written, kind: &str) -> ManifestRecord {
-    ManifestRecord::new(name, w.bytes, w.sha256.clone()).with_kind(kind)
+fn sources<'a, 'p>(
+    tensors: &[OutTensor<'p>],
+    shards: &'a [ShardTensors<'a>],
+) -> Vec<Source<'a, 'p>> {
+    tensors.iter().map(|&t| Source { t, shards }).collect()
 }
 
 /// Writes `tensors` (in state-dict order) as a Hugging Face checkpoint into `dir`: shards of at
@@ -142,82 +129,12 @@ pub fn write_safetensors(
     max_shard_size: u64,
     progress: &Progress,
 ) -> Result<Vec<ManifestRecord>> {
-    let sizes: Vec<(String, u64)> = tensors
-        .iter()
-        .map(|t| (t.tensor.name.clone(), t.bytes()))
-        .collect();
-    let groups = plan_shards(&sizes, max_shard_size);
-    let count = groups.len();
-    let results: Vec<Result<ManifestRecord>> = groups
-        .par_iter()
-        .enumerate()
-        .map(|(i, members)| {
-            let name = shard_file_name(i, count);
-            let members: Vec<&OutTensor<'_>> = members.iter().map(|&m| &tensors[m]).collect();
-            let w = write_safetensors_file(&dir.join(&name), &members, shards, progress)?;
-            Ok(record(&name, &w, "safetensors").with_extra("tensors", members.len()))
-        })
-        .collect();
-    let mut records = results.into_iter().collect::<Result<Vec<_>>>()?;
-    if count > 1 {
-        let mut weight_map = BTreeMap::new();
-        for (i, members) in groups.iter().enumerate() {
-            for &m in members {
-                weight_map.insert(tensors[m].tensor.name.clone(), shard_file_name(i, count));
-            }
-        }
-        let total_size: u64 = tensors.iter().map(OutTensor::bytes).sum();
-        let text = render_index(&weight_map, total_size, Some(total_parameters(tensors)));
-        let w = write_atomic(&dir.join(INDEX_FILE_NAME), |mut h| {
-            h.write_all(text.as_bytes())?;
-            Ok(h)
-        })?;
-        records.push(record(INDEX_FILE_NAME, &w, "safetensors-index"));
-    }
-    Ok(records)
-}
-
-/// The index's `total_parameters`: elements of every tensor but buffers (transformers counts
-/// the model's parameters; a legacy `rotary_emb.inv_freq` is a buffer).
-fn total_parameters(tensors: &[OutTensor<'_>]) -> u64 {
-    tensors
-        .iter()
-        .filter(|t| !t.tensor.name.ends_with(".inv_freq"))
-        .map(OutTensor::numel)
-        .sum()
-}
-
-fn write_safetensors_file(
-    path: &Path,
-    members: &[&OutTensor<'_>],
-    shards: &[ShardTensors<'_>],
-    progress: &Progress,
-) -> Result<Written> {
-    let specs: Vec<TensorSpec> = members
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.tensor.name.clone(),
-            dtype: t.dtype,
-            shape: t.tensor.shape.clone(),
-        })
-        .collect();
-    let by_name: HashMap<&str, &OutTensor<'_>> = members
-        .iter()
-        .map(|t| (t.tensor.name.as_str(), *t))
-        .collect();
-    let metadata = Some(BTreeMap::from([("format".to_string(), "pt".to_string())]));
-    write_atomic(path, |h| {
-        let mut w = SafetensorsWriter::new(h, specs, metadata)?;
-        let order: Vec<String> = w.order().iter().map(|s| s.name.clone()).collect();
-        for name in order {
-            let t = by_name[name.as_str()];
-            let n =
-                write_tensor(t, shards, &mut w).map_err(|e| e.context(format!("tensor {name}")))?;
-            w.finish_tensor()?;
-            progress.inc(n);
-        }
-        Ok(w.finish()?)
-    })
+    checkpoint_write::write_safetensors_dir(
+        dir,
+        &sources(tensors, shards),
+        max_shard_size,
+        progress,
+    )
 }
 
 /// Writes `tensors` as NxD's `--convert_to_full_state` output: one `torch.save`-compatible
@@ -231,53 +148,26 @@ pub fn write_pt_checkpoint(
     shards: &[ShardTensors<'_>],
     progress: &Progress,
 ) -> Result<Vec<ManifestRecord>> {
-    let mut specs: Vec<PtTensor> = Vec::with_capacity(tensors.len() + 1);
+    let mut entries = Vec::with_capacity(tensors.len() + 1);
     for (i, t) in tensors.iter().enumerate() {
-        specs.push(PtTensor {
+        entries.push(PtEntry {
             name: t.tensor.name.clone(),
-            dtype: t.dtype,
-            layout: Layout::contiguous(&t.tensor.shape),
             storage: i,
-            requires_grad: false,
         });
         if tied_head && t.tensor.name == NORM {
             let embed = tensors
                 .iter()
                 .position(|t| t.tensor.name == EMBED)
                 .ok_or_else(|| anyhow!("tied embeddings but no {EMBED}"))?;
-            specs.push(PtTensor {
+            entries.push(PtEntry {
                 name: nxd_layout::LM_HEAD.to_string(),
-                dtype: tensors[embed].dtype,
-                layout: Layout::contiguous(&tensors[embed].tensor.shape),
                 storage: embed,
-                requires_grad: false,
             });
         }
     }
-    let storages: Vec<PtStorage> = tensors
-        .iter()
-        .map(|t| PtStorage {
-            dtype: t.dtype,
-            numel: t.numel() as usize,
-        })
-        .collect();
     let path = dir.join(PT_FILE_NAME);
-    let archive = archive_name_for(&path);
-    let w = write_atomic(&path, |h| {
-        Ok(write_pt(
-            h,
-            &archive,
-            &PtRoot::Dict(specs),
-            &storages,
-            |i, out| {
-                let n = write_tensor(&tensors[i], shards, out)
-                    .map_err(|e| e.context(format!("tensor {}", tensors[i].tensor.name)))?;
-                progress.inc(n);
-                Ok(())
-            },
-        )?)
-    })?;
-    Ok(vec![
-        record(PT_FILE_NAME, &w, "torch").with_extra("tensors", tensors.len())
-    ])
+    let w = write_pt_file(&path, &sources(tensors, shards), &entries, progress)?;
+    Ok(vec![w
+        .record(PT_FILE_NAME, "torch")
+        .with_extra("tensors", tensors.len())])
 }
