@@ -214,7 +214,8 @@ export FI_EFA_USE_DEVICE_RDMA=1 FI_PROVIDER=efa FI_EFA_FORK_SAFE=1
 export XLA_DISABLE_FUNCTIONALIZATION=0 NEURON_FUSE_SOFTMAX=1 NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS=7
 export MALLOC_ARENA_MAX=128 XLA_DOWNCAST_BF16=1
 export NEURON_CC_FLAGS="--model-type=transformer --cache_dir=\$HOME/cache_dir_neuron/"
-sudo -n sysctl -w net.ipv4.ip_local_reserved_ports=\$MASTER_PORT >/dev/null 2>&1 || true
+# As the seed: keep the rendezvous port out of the ephemeral range (RESERVE_MASTER_PORT=0: leave sysctl alone).
+[ "\${RESERVE_MASTER_PORT:-1}" = 0 ] || sudo -n sysctl -w net.ipv4.ip_local_reserved_ports=\$MASTER_PORT >/dev/null 2>&1 || true
 NODEID=\$SLURM_NODEID
 NNODES=\$SLURM_JOB_NUM_NODES
 MASTER_ADDR=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)
