@@ -12,10 +12,14 @@
 //! 4. [`cross`]: unless `fast`, every region the layout replicates (norms, kv heads, tied
 //!    embeddings) is bit-identical across ranks, and the vocabulary rows are covered once.
 //!
+//! A Hugging Face `datasets` directory (tok-pack's output) is checked by [`dataset`] instead:
+//! its file list, features, and every row.
+//!
 //! [`verify`] runs them and returns a [`Report`] (human summary with a tp x pp grid, or JSON).
 #![warn(missing_docs)]
 
 pub mod cross;
+pub mod dataset;
 pub mod manifest_check;
 pub mod names;
 pub mod report;
@@ -50,6 +54,9 @@ pub const MANIFEST_KIND: &str = "nxd-shard";
 /// `<file>.tensors/tensor_<i>.pt` and `<file>.info.pt`.
 pub const XSER_PART_KIND: &str = "nxd-xser-part";
 
+/// The manifest `kind` of dataset files (as tok-pack writes it).
+pub const DATASET_KIND: &str = "hf-dataset";
+
 /// The manifest nx-shard writes into its output directory (suggested when `--manifest` is
 /// absent).
 pub const NX_SHARD_MANIFEST: &str = "nx-shard.manifest.jsonl";
@@ -72,6 +79,11 @@ pub struct VerifyOptions {
     pub record: Option<PathBuf>,
     /// Skip the cross-rank checks.
     pub fast: bool,
+    /// For a dataset: the length every row must have (`None`: the first row's).
+    pub block_size: Option<usize>,
+    /// For a dataset: token ids must be below this (`None`: `vocab_size` of `--config` if
+    /// given).
+    pub vocab_size: Option<u64>,
     /// Worker threads (`None`: all available).
     pub jobs: Option<usize>,
     /// Show progress bars (only ever on a terminal).
@@ -86,6 +98,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, ToolError> {
         Some(p) => Some(read_manifest_path(p).map_err(ToolError::usage)?),
         None => None,
     };
+    if dataset::is_dataset_dir(&opts.dir) {
+        return verify_dataset(opts, manifest.as_deref());
+    }
     match (locate(&opts.dir)?, manifest) {
         (Some(loc), manifest) => verify_shards(opts, &loc, manifest.as_deref()),
         (None, Some(records)) => verify_manifest_only(opts, &records),
@@ -447,6 +462,146 @@ fn verify_shards(
         checks,
         problems,
         warnings,
+        unreadable,
+    })
+}
+
+/// A `datasets` save_to_disk directory: its file list, features and rows, and a manifest if
+/// given (tok-pack's, whose `rows` fields are compared with the rows found).
+fn verify_dataset(
+    opts: &VerifyOptions,
+    manifest: Option<&[ManifestRecord]>,
+) -> Result<Report, ToolError> {
+    let vocab_size = match (opts.vocab_size, &opts.config) {
+        (Some(v), _) => Some(v),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the model config {}", path.display()))
+                .map_err(usage)?;
+            let config: Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))
+                .map_err(usage)?;
+            Some(config["vocab_size"].as_u64().ok_or_else(|| {
+                usage(anyhow!(
+                    "{} has no vocab_size: pass --vocab-size",
+                    path.display()
+                ))
+            })?)
+        }
+        (None, None) => None,
+    };
+    let expect = dataset::RowExpectations {
+        block_size: opts.block_size,
+        vocab_size,
+    };
+    let d = dataset::check(&opts.dir, expect);
+    let mut unreadable = d.unreadable;
+    let mut problems = d.names;
+    let mut structure = d.structure;
+    let mut manifest_detail = None;
+    let mut hashed = HashMap::new();
+    if let Some(records) = manifest {
+        let m = manifest_check::check(records, &opts.dir, &[], &HashSet::new(), opts.progress);
+        unreadable |= m.unreadable;
+        manifest_detail = Some(format!(
+            "{} files against {} records, {} hashed",
+            m.files,
+            records.len(),
+            suite_support::size::format_size(m.bytes)
+        ));
+        problems.extend(m.problems);
+        hashed = m.hashed;
+        for (name, rows) in d.data_files.iter().zip(&d.rows) {
+            let listed = records
+                .iter()
+                .find(|r| &r.path == name)
+                .and_then(|r| r.extra.get("rows"))
+                .and_then(Value::as_u64);
+            if let Some(listed) = listed.filter(|l| l != rows) {
+                structure.push(Problem::file(
+                    Check::Structure,
+                    name,
+                    format!("{rows} rows, the manifest says {listed}"),
+                ));
+            }
+        }
+    }
+    problems.extend(structure);
+    if let Some(target) = &opts.record {
+        let skip = record_skip(target, opts.manifest.as_deref());
+        let files = walk_files(&opts.dir, &|p: &Path| skip(p))
+            .with_context(|| format!("listing {}", opts.dir.display()))
+            .map_err(usage)?;
+        let files: Vec<(String, PathBuf)> = files
+            .into_iter()
+            .map(|f| (rel_of(&opts.dir, &f), f))
+            .collect();
+        let rows: HashMap<&String, u64> = d.data_files.iter().zip(d.rows.iter().copied()).collect();
+        let describe = |r: ManifestRecord| match rows.get(&r.path) {
+            Some(&n) => r.with_kind(DATASET_KIND).with_extra("rows", n),
+            None => r.with_kind(DATASET_KIND),
+        };
+        unreadable |= write_record(target, &files, &mut hashed, &describe, opts.progress)?;
+    }
+
+    let count = |c: Check| problems.iter().filter(|x| x.check == c).count();
+    let result = |c: Check, detail: String| {
+        let n = count(c);
+        CheckResult {
+            check: c,
+            status: if n == 0 {
+                Status::Passed
+            } else {
+                Status::Failed
+            },
+            detail: if n == 0 {
+                detail
+            } else {
+                format!("{n} problems; {detail}")
+            },
+        }
+    };
+    let total_rows: u64 = d.rows.iter().sum();
+    let mut checks = vec![
+        result(
+            Check::Names,
+            format!(
+                "{} of {} data files listed in state.json present",
+                d.present,
+                d.data_files.len()
+            ),
+        ),
+        result(
+            Check::Structure,
+            format!(
+                "{total_rows} rows of {} tokens read, ids {} (vocabulary {})",
+                d.block.map_or("?".to_string(), |b| b.to_string()),
+                d.max_id
+                    .map_or("none".to_string(), |m| format!("up to {m}")),
+                vocab_size.map_or("not given: --vocab-size or --config".to_string(), |v| v
+                    .to_string())
+            ),
+        ),
+    ];
+    checks.push(match manifest_detail {
+        Some(detail) => result(Check::Manifest, detail),
+        None => CheckResult {
+            check: Check::Manifest,
+            status: Status::Skipped,
+            detail: "no --manifest".into(),
+        },
+    });
+    Ok(Report {
+        dir: opts.dir.display().to_string(),
+        mode: Mode::Dataset,
+        layout: None,
+        tp: 0,
+        pp: 0,
+        dtype: None,
+        files: Vec::new(),
+        checks,
+        problems,
+        warnings: Vec::new(),
         unreadable,
     })
 }

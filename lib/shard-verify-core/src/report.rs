@@ -170,6 +170,8 @@ pub enum Mode {
     TrainingCheckpoint,
     /// Any directory, against a manifest only.
     Manifest,
+    /// A Hugging Face `datasets` save_to_disk directory (tok-pack's output).
+    Dataset,
 }
 
 /// Everything a verification found.
@@ -273,6 +275,7 @@ impl Report {
             Mode::ShardSet => "shard set",
             Mode::TrainingCheckpoint => "training checkpoint",
             Mode::Manifest => "directory",
+            Mode::Dataset => "dataset",
         };
         let _ = write!(s, "shard-verify: {what} {}", self.dir);
         if self.tp > 0 {

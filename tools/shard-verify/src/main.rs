@@ -25,6 +25,13 @@ Checks, fastest first, every problem reported with the file (and tensor) it conc
   manifest    with --manifest: size and sha256 of every file, hashed in parallel
   cross-rank  unless --fast: norms identical on every tp rank, kv-head replicas identical across
               the ranks that hold the same head, vocabulary rows covered exactly once
+A Hugging Face datasets directory (state.json, as tok-pack writes it) is checked as a dataset:
+  names       exactly the .arrow files state.json lists (missing, stray)
+  structure   dataset_info.json's features against every file's schema; every row: the block
+              length (--block-size, else the first row's), token ids below the vocabulary
+              (--vocab-size, or vocab_size of --config), attention_mask all ones, labels equal
+              to input_ids; truncated or corrupt files
+  manifest    with --manifest (tok-pack's): sizes, sha256 and row counts
 A directory without shard files is checked against --manifest alone (e.g. a Hub download).
 Several manifests (nx-shard --world N writes one per rank): cat them into --manifest -.
 
@@ -36,6 +43,7 @@ Examples:
       --config config.json --manifest nxd/nx-shard.manifest.jsonl
   shard-verify ckpt/step_1000 --tp_size 32 --pp_size 8 --load_xser 1 --config config.json --fast
   shard-verify Llama-3-8B --manifest Llama-3-8B.manifest.jsonl
+  shard-verify wiki_8k --block-size 8192 --config Llama-3-8B/config.json --manifest wiki_8k.manifest.jsonl
 ";
 
 /// Prove that an NxD TP x PP shard set, or any directory with a manifest, is complete and
@@ -68,6 +76,14 @@ struct Args {
     #[arg(long)]
     fast: bool,
 
+    /// For a dataset: the length every row must have [default: the first row's].
+    #[arg(long, value_name = "N")]
+    block_size: Option<usize>,
+
+    /// For a dataset: token ids must be below N [default: vocab_size of --config].
+    #[arg(long, value_name = "N")]
+    vocab_size: Option<u64>,
+
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -98,6 +114,8 @@ fn main() -> ExitCode {
             manifest: a.manifest,
             record: a.record.clone(),
             fast: a.fast,
+            block_size: a.block_size,
+            vocab_size: a.vocab_size,
             jobs: a.jobs,
             progress: !a.quiet,
         };
