@@ -739,6 +739,8 @@ fn tokenize_batches(
         }
     });
     let mut docs = 0u64;
+    let mut tokens = 0u64;
+    let started = std::time::Instant::now();
     let result = (|| -> Result<(), ToolError> {
         for (index, message) in rx.iter().enumerate() {
             let (batch, bytes) = message.map_err(ToolError::usage)?;
@@ -748,8 +750,19 @@ fn tokenize_batches(
             docs += batch.len() as u64;
             if owns(index) {
                 let ids = tokenizer.encode_batch(batch).map_err(ToolError::data)?;
+                tokens += ids.iter().map(|d| d.len() as u64).sum::<u64>();
                 sink(&ids)?;
             }
+            progress.set_message(|| {
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                format!(
+                    "{} docs ({:.0}/s), {} tokens ({:.2}M/s)",
+                    docs,
+                    docs as f64 / secs,
+                    tokens,
+                    tokens as f64 / secs / 1e6
+                )
+            });
             progress.inc(bytes);
         }
         Ok(())

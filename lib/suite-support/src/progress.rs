@@ -39,6 +39,13 @@ impl Progress {
         }
     }
 
+    /// Replaces the label, e.g. with counts and rates of the tool's own units.
+    pub fn set_message(&self, message: impl FnOnce() -> String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(message());
+        }
+    }
+
     /// Marks the work finished, leaving the completed bar on screen.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
