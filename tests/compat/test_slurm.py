@@ -16,10 +16,13 @@ Every sbatch --wait / srun is bounded by `timeout`; jobs get --time."""
 import filecmp
 import hashlib
 import json
+import math
 import os
+import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -107,10 +110,13 @@ def wait_for(pred, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def wait_state(job, states, timeout=120):
+def wait_state(job, states, timeout=120, restarts=None):
+    """Waits until the job is in one of `states` (and, with `restarts`, has been restarted that many times)."""
     def check():
         recs = job_records(job)
-        return recs[0] if recs and recs[0].get("JobState") in states else None
+        if not recs or recs[0].get("JobState") not in states:
+            return None
+        return recs[0] if restarts is None or recs[0].get("Restarts") == restarts else None
     try:
         return wait_for(check, timeout, f"job {job} to reach {states}")
     except AssertionError:
@@ -250,19 +256,60 @@ def test_tok_pack_array_then_merge_equals_one_process(tmp_path, corpus, mode):
 
 # ---- killed and requeued ---------------------------------------------------------------------------------------------
 
-BIG = FIXTURES / "models" / "gqa_large"
 BIG_FLAGS = ["--tp", 8, "--pp", 4, "--qkv-linear", "-q"]
+# A Llama-architecture checkpoint of about 1 GB (32 heads, 8 kv heads, hidden 2048, 8 layers, vocab 32000, bf16):
+# nx-shard -j 1 takes seconds on it, so a job can be killed mid-run. `make fixtures` has only tiny models (the
+# optional gqa_large takes ~25 s to generate), so it is written here in about a second; the tensor values are
+# pseudo-random bytes, which nx-shard only copies.
+BIG_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 8,
+    "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def write_big_model(d: Path):
+    c = BIG_CONFIG
+    h, kv, inter, v = c["hidden_size"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"], c["vocab_size"]
+    shapes = {"model.embed_tokens.weight": [v, h]}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
+                       p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
+                       p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
+                       p + "mlp.down_proj.weight": [h, inter], p + "input_layernorm.weight": [h],
+                       p + "post_attention_layernorm.weight": [h]})
+    shapes.update({"model.norm.weight": [h], "lm_head.weight": [v, h]})
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for k, shape in shapes.items():
+        n = 2 * math.prod(shape)
+        header[k] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    block = random.Random(0).randbytes(1 << 22)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(c, indent=2))
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        left = off
+        while left:
+            f.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+    return d
 
 
 @pytest.fixture(scope="module")
 def big_reference(tmp_path_factory):
-    """One uninterrupted run on the 1.6 GB fixture (32 files of about 50 MB: slow enough to be killed mid-run)."""
-    if not BIG.exists():
-        pytest.fail(f"{BIG} is missing: run `make fixtures`", pytrace=False)
-    d = tmp_path_factory.mktemp("slurm-big") / "ref"
-    run([NX_SHARD, "--input", BIG, "--output", d, *BIG_FLAGS], env=slurm_env())
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    """The 1 GB model, and one uninterrupted nx-shard run on it (32 files of about 30 MB)."""
+    root = tmp_path_factory.mktemp("slurm-big")
+    src = write_big_model(root / "model")
+    ref = root / "ref"
+    run([NX_SHARD, "--input", src, "--output", ref, *BIG_FLAGS], env=slurm_env())
+    yield src, ref
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def assert_complete_files_only(out: Path, ref: Path):
@@ -286,8 +333,9 @@ def kept_count(log: str) -> int:
 
 
 def test_cancelled_job_resubmitted_resumes(tmp_path, big_reference):
+    big, big_reference = big_reference
     out = tmp_path / "out"
-    cmd = "exec " + shell(NX_SHARD, "--input", BIG, "--output", out, *BIG_FLAGS, "-j", 1)
+    cmd = "exec " + shell(NX_SHARD, "--input", big, "--output", out, *BIG_FLAGS, "-j", 1)
     try:
         job, _ = sbatch(tmp_path, "-o", tmp_path / "first-%j.out", "--wrap", cmd, wait=False)
         wait_for(lambda: len(final_shards(out)) >= 2, 60, "the first shard files")
@@ -307,15 +355,17 @@ def test_cancelled_job_resubmitted_resumes(tmp_path, big_reference):
 
 
 def test_killed_task_requeued_resumes(tmp_path, big_reference):
+    big, big_reference = big_reference
     out, pid_file, log = tmp_path / "out", tmp_path / "task.pid", tmp_path / "job.out"
     job = None
     cmd = f"echo $$ > {pid_file}; echo restart=${{SLURM_RESTART_COUNT:-0}}; exec " + \
-        shell(NX_SHARD, "--input", BIG, "--output", out, *BIG_FLAGS, "-j", 1)
+        shell(NX_SHARD, "--input", big, "--output", out, *BIG_FLAGS, "-j", 1)
     try:
         job, _ = sbatch(tmp_path, "--requeue", "--open-mode=append", "-o", log, "--wrap", cmd, wait=False)
         wait_for(lambda: len(final_shards(out)) >= 2, 60, "the first shard files")
         os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the task dies mid-run (node crash, OOM killer)
         rec = wait_state(job, ("FAILED", "NODE_FAIL", "CANCELLED"), 60)
+        wait_for(lambda: left_queue(job), 60, f"job {job} to finish completing")
         done = len(final_shards(out))
         assert 2 <= done < 32, f"{done} files: the task was not killed mid-run ({rec})"
         assert_complete_files_only(out, big_reference)
@@ -323,8 +373,8 @@ def test_killed_task_requeued_resumes(tmp_path, big_reference):
         # about 2 minutes; StartTime=now lifts that.
         run(["timeout", "20", "scontrol", "requeue", job], env=slurm_env())
         run(["timeout", "20", "scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env())
-        rec = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 120)
-        assert rec["JobState"] == "COMPLETED" and rec.get("Restarts") == "1", (rec, log.read_text())
+        rec = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 120, restarts="1")
+        assert rec["JobState"] == "COMPLETED", (rec, log.read_text())
         text = log.read_text()
         assert "restart=0" in text and "restart=1" in text, text
         assert kept_count(text) >= done, text
