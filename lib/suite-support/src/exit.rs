@@ -165,7 +165,14 @@ fn first_io_error(error: &anyhow::Error) -> Option<&io::Error> {
 
 /// Runs a tool's body: on error prints [`ToolError::report`] as one line to stderr and exits
 /// with the error's code (a code outside `1..=255` exits with [`DATA_ERROR`]).
+///
+/// A closed standard output (`tool | head`) ends the process quietly, as it does for other Unix
+/// tools, instead of a panic in `println!`: the Rust runtime ignores SIGPIPE, so it is restored.
 pub fn run_tool(name: &str, f: impl FnOnce() -> Result<(), ToolError>) -> ExitCode {
+    // SAFETY: setting a signal's disposition to the default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
