@@ -9,7 +9,8 @@ FIXTURES := $(ROOT)/fixtures
 BIN := $(ROOT)/target/release
 CARGO ?= cargo
 
-.PHONY: all build install test test-rust test-compat lint fmt bench fuzz demo venv fixtures clean help
+.PHONY: all build install test test-rust test-compat lint fmt bench fuzz demo venv fixtures clean help \
+	pretrain pretrain-8b pretrain-70b pretrain-405b fetch shards data sbatch pipeline-plan
 
 help:
 	@echo "make build     build every tool (release)"
@@ -17,7 +18,9 @@ help:
 	@echo "make test      every test: Rust unit/integration tests, compat tests against real torch/safetensors/transformers, lint"
 	@echo "make bench     benchmarks; results go to BENCHMARKS.md"
 	@echo "make fuzz      run the fuzz targets for a bounded time"
-	@echo "make demo      the main job on an embedded default (not available yet: see README)"
+	@echo "make demo      the whole pipeline on a tiny model, offline, in a few minutes"
+	@echo "make pretrain-70b CORPUS=... the seed workflow for Llama 3 70B (also pretrain-8b, pretrain-405b;"
+	@echo "               variables: MODEL WORK TP PP KV_MULT HW XSER DTYPE CORPUS BLOCK SUBMIT NODES)"
 
 all: build
 
@@ -55,9 +58,100 @@ bench: build
 fuzz:
 	bash scripts/fuzz.sh
 
-demo:
-	@echo "make demo: the pipeline (issue 9) is not built yet; see README.md for what works today" >&2
-	@exit 2
+demo: venv fixtures build
+	bash scripts/demo.sh $(ROOT)/demo-out
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline: Hub -> NxD shards + tokenized dataset -> verified -> sbatch script. File targets (stamps under
+# $(WORK)/stamps), so `make` resumes where it stopped and `make -j2` downloads/shards and tokenizes at once.
+# Presets set the seed layouts; every variable can still be overridden on the command line.
+ifeq ($(PRESET),70b)
+MODEL ?= meta-llama/Meta-Llama-3-70B
+TP ?= 32
+PP ?= 8
+KV_MULT ?= 4
+NODES ?= 16
+else ifeq ($(PRESET),8b)
+MODEL ?= meta-llama/Meta-Llama-3-8B
+TP ?= 32
+PP ?= 1
+KV_MULT ?= 4
+NODES ?= 1
+else ifeq ($(PRESET),405b)
+MODEL ?= meta-llama/Llama-3.1-405B
+TP ?= 32
+PP ?= 16
+KV_MULT ?= 4
+NODES ?= 32
+endif
+MODEL ?= meta-llama/Meta-Llama-3-70B
+WORK ?= $(ROOT)/work
+TP ?= 32
+PP ?= 8
+KV_MULT ?= 4
+HW ?= trn1
+XSER ?= 1
+DTYPE ?= keep
+CORPUS ?=
+BLOCK ?= 8192
+SUBMIT ?= 0
+NODES ?= 16
+
+NAME := $(notdir $(MODEL))
+MODEL_DIR := $(WORK)/hf/$(NAME)
+SHARD_DIR := $(WORK)/nxd/$(NAME)-tp$(TP)-pp$(PP)-kv$(KV_MULT)
+DATA_DIR := $(WORK)/data/$(notdir $(basename $(firstword $(CORPUS))))-$(BLOCK)
+SBATCH_FILE := $(WORK)/pretrain-$(NAME)-tp$(TP)-pp$(PP).sbatch
+STAMPS := $(WORK)/stamps
+LAYOUT := --tp $(TP) --pp $(PP) --kv-size-multiplier $(KV_MULT) --qkv-linear --fuse-qkv --hw-backend $(HW) \
+	--xser $(XSER)
+
+pretrain-8b pretrain-70b pretrain-405b:
+	$(MAKE) pretrain PRESET=$(@:pretrain-%=%)
+
+pretrain: $(SBATCH_FILE)
+	@if [ "$(SUBMIT)" = 1 ] && command -v sbatch >/dev/null; then \
+	  echo "sbatch $(SBATCH_FILE)"; sbatch $(SBATCH_FILE); \
+	else \
+	  echo; echo "Ready. Submit the training job with:  sbatch $(SBATCH_FILE)"; \
+	  echo "(or rerun with SUBMIT=1 on a host with Slurm)"; \
+	fi
+
+# What would be written, from the model's config alone (no weights needed once config.json is there).
+pipeline-plan: $(STAMPS)/fetch-$(NAME)
+	$(BIN)/nx-shard --config $(MODEL_DIR)/config.json $(LAYOUT) --dry-run
+
+fetch: $(STAMPS)/fetch-$(NAME)
+shards: $(STAMPS)/shards-$(notdir $(SHARD_DIR))
+data: $(STAMPS)/data-$(notdir $(DATA_DIR))
+sbatch: $(SBATCH_FILE)
+
+$(STAMPS)/fetch-$(NAME): | build
+	@[ -n "$$HF_TOKEN" ] || [ -s "$${HF_HOME:-$$HOME/.cache/huggingface}/token" ] || [ -n "$$HF_ENDPOINT" ] || \
+	  echo "note: no HF_TOKEN and no token file: gated repos (all meta-llama ones) will be refused" >&2
+	$(BIN)/hf-fetch $(MODEL) --local-dir $(MODEL_DIR) --manifest $(MODEL_DIR).manifest.jsonl
+	$(BIN)/shard-verify $(MODEL_DIR) --manifest $(MODEL_DIR).manifest.jsonl -q
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/shards-$(notdir $(SHARD_DIR)): $(STAMPS)/fetch-$(NAME)
+	$(BIN)/nx-shard --input $(MODEL_DIR) --output $(SHARD_DIR) $(LAYOUT) --dtype $(DTYPE)
+	$(BIN)/shard-verify $(SHARD_DIR) $(LAYOUT) --config $(MODEL_DIR)/config.json \
+	  --manifest $(SHARD_DIR)/nx-shard.manifest.jsonl
+	@touch $@
+
+$(STAMPS)/data-$(notdir $(DATA_DIR)): $(STAMPS)/fetch-$(NAME)
+	@[ -n "$(CORPUS)" ] || { echo "make: set CORPUS to the training text (jsonl/parquet/csv/txt files, dirs or globs)," \
+	  "e.g. CORPUS=wikicorpus.parquet" >&2; exit 2; }
+	$(BIN)/tok-pack --tokenizer $(MODEL_DIR) --input $(CORPUS) --output $(DATA_DIR) --block-size $(BLOCK) \
+	  --compat nxd --manifest $(DATA_DIR).manifest.jsonl
+	$(BIN)/shard-verify $(DATA_DIR) --block-size $(BLOCK) --config $(MODEL_DIR)/config.json \
+	  --manifest $(DATA_DIR).manifest.jsonl
+	@touch $@
+
+$(SBATCH_FILE): $(STAMPS)/shards-$(notdir $(SHARD_DIR)) $(STAMPS)/data-$(notdir $(DATA_DIR))
+	bash scripts/write-pretrain-sbatch.sh --model-dir $(MODEL_DIR) --shards $(SHARD_DIR) --data $(DATA_DIR) \
+	  --out $@ --tp $(TP) --pp $(PP) --kv-multiplier $(KV_MULT) --xser $(XSER) --seq-len $(BLOCK) \
+	  --nodes $(NODES) --force
 
 clean:
 	rm -rf target $(FIXTURES) bench-out
