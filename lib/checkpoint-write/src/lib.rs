@@ -119,7 +119,10 @@ pub fn total_parameters<T: TensorSource>(tensors: &[T]) -> u64 {
 
 /// How `tensors` (in state-dict order) split into Hugging Face shards of at most
 /// `max_shard_size` bytes: the members of each shard, and its file name.
-pub fn shard_plan<T: TensorSource>(tensors: &[T], max_shard_size: u64) -> Vec<(String, Vec<usize>)> {
+pub fn shard_plan<T: TensorSource>(
+    tensors: &[T],
+    max_shard_size: u64,
+) -> Vec<(String, Vec<usize>)> {
     let sizes: Vec<(String, u64)> = tensors
         .iter()
         .map(|t| (t.name().to_string(), t.bytes()))
