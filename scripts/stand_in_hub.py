@@ -19,6 +19,7 @@ clears faults and statistics.
   bandwidth: bytes/s per connection (0 = unlimited); ignore_range: true|false
   lie_size:  {"path": delta}  the listing and /resolve report size+delta
   lie_sha:   ["path"]          the listing and /resolve report another content hash
+  evil_paths: ["../x"]         extra tree entries with these (unsafe) names
 """
 import argparse
 import base64
@@ -126,7 +127,7 @@ class State:
     def reset(self):
         with self.lock:
             self.faults = {"fail": [], "drop": [], "stall": [], "bandwidth": 0, "ignore_range": False,
-                           "lie_size": {}, "lie_sha": []}
+                           "lie_size": {}, "lie_sha": [], "evil_paths": []}
             self.log = []
             self.served = {}
 
@@ -135,7 +136,7 @@ class State:
             for k in ("fail", "drop", "stall"):
                 if k in d:
                     self.faults[k] = [dict(x) for x in d[k]]
-            for k in ("bandwidth", "ignore_range", "lie_size", "lie_sha"):
+            for k in ("bandwidth", "ignore_range", "lie_size", "lie_sha", "evil_paths"):
                 if k in d:
                     self.faults[k] = d[k]
 
@@ -427,6 +428,8 @@ class Handler(BaseHTTPRequestHandler):
         for p, e in sorted(repo.files.items()):
             if p.startswith(prefix) and (recursive or "/" not in p[len(prefix):]):
                 entries.append(self.tree_entry(e))
+        for p in self.st.faults["evil_paths"]:
+            entries.append({"type": "file", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 5, "path": p})
         entries.sort(key=lambda x: x["path"])
         start = int(query.get("cursor", ["0"])[0] or 0)
         page = entries[start:start + self.st.page_size]
