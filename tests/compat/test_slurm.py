@@ -211,6 +211,27 @@ def test_nx_shard_srun_steps_equal_one_process(tmp_path):
     assert_rank_manifests(single, multi, 3)
 
 
+def test_batch_step_without_srun_is_one_process(tmp_path, corpus):
+    """In the batch script itself (sbatch -n 2, no srun) SLURM_PROCID=0 and SLURM_NTASKS=2 are set, but there is
+    one process: both tools must do the whole job, not a half."""
+    model, flags = NX_LAYOUTS["7l-tied-xser"]
+    src = FIXTURES / "models" / model
+    single, batch = tmp_path / "single", tmp_path / "batch"
+    run([NX_SHARD, "--input", src, "--output", single, *flags, "-q"], env=slurm_env())
+    run([TOK_PACK, "--tokenizer", TOKENIZER, "--input", corpus, "--output", tmp_path / "ds1", "--block-size", 512,
+         "-q"], env=slurm_env())
+    job, rc = sbatch(tmp_path, "-n", 2, "-o", tmp_path / "batch-%j.out", "--wrap",
+                     shell(NX_SHARD, "--input", src, "--output", batch, *flags, "-q") + " && " +
+                     shell(TOK_PACK, "--tokenizer", TOKENIZER, "--input", corpus, "--output", tmp_path / "ds2",
+                           "--block-size", 512, "-q"))
+    assert rc == 0, logs(tmp_path)
+    assert tree(batch) == tree(single)
+    assert (batch / "nx-shard.manifest.jsonl").read_bytes() == (single / "nx-shard.manifest.jsonl").read_bytes()
+    assert not list(tmp_path.glob("ds2.rank-*"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds1").iterdir()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "ds2").iterdir()}
+
+
 # ---- tok-pack --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
