@@ -263,10 +263,9 @@ def test_tok_pack_array_then_merge_equals_one_process(tmp_path, corpus, mode):
                       "exec " + shell(TOK_PACK, "--tokenizer", TOKENIZER, "--input", corpus, "--output", multi,
                                       *common, "-j", 1, "-q"), wait=False)
     # The merge runs after every task succeeded; a failed task cancels it (kill_invalid_depend) and sbatch --wait
-    # then returns non-zero. --max-shard-size must be repeated: the partial results do not record it.
+    # then returns non-zero. The merge takes --max-shard-size from the partial results.
     merge, rc = sbatch(tmp_path, f"--dependency=afterok:{array}", "-o", tmp_path / "merge-%j.out", "--wrap",
-                       shell(TOK_PACK, "--merge") + f" {multi}.rank-* " +
-                       shell("--output", multi, "--max-shard-size", "1MB", "-q"))
+                       shell(TOK_PACK, "--merge") + f" {multi}.rank-* " + shell("--output", multi, "-q"))
     assert rc == 0, logs(tmp_path)
     assert [r.get("JobState") for r in job_records(array)] == ["COMPLETED"] * 3
     assert len(list(tmp_path.glob("multi.rank-*-of-00003"))) == 3

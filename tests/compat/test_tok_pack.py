@@ -465,17 +465,19 @@ def test_bad_input_one_line_error_exit_2(tmp_path, case):
 @pytest.mark.parametrize("mode", [["--compat", "nxd"], []])
 def test_rank_world_merge_equals_single_process(tmp_path, corpus, mode):
     single = tmp_path / "single"
-    tok_pack("--input", corpus, "--output", single, "--block-size", 512, *mode, "-q")
+    tok_pack("--input", corpus, "--output", single, "--block-size", 512, "--max-shard-size", "1MB", *mode, "-q")
+    assert len(list(single.glob("data-*.arrow"))) > 1
     out = tmp_path / "multi"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     for r in (2, 0, 1):
         run([TOK_PACK, "--tokenizer", TOKENIZER, "--input", corpus, "--output", out, "--block-size", 512, *mode,
-             "--rank", r, "--world", 3, "-q"], env=env)
+             "--max-shard-size", "1MB", "--rank", r, "--world", 3, "-q"], env=env)
     parts = sorted(tmp_path.glob("multi.rank-*-of-00003"))
     assert len(parts) == 3 and not out.exists()
     # An incomplete set is refused.
     p = tok_pack("--merge", *parts[:2], "--output", out, check=False)
     assert p.returncode == 2 and "ranks" in p.stderr and not out.exists(), p.stderr
+    # The ranks' --max-shard-size is recorded in their partial results and used by the merge.
     tok_pack("--merge", *parts, "--output", out, "-q")
     a = {p.name: p.read_bytes() for p in single.iterdir()}
     b = {p.name: p.read_bytes() for p in out.iterdir()}

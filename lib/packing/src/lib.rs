@@ -174,8 +174,9 @@ pub struct PackOptions {
     pub format: Option<InputFormat>,
     /// Default mode: put the tokenizer's EOS between documents.
     pub eos: bool,
-    /// `save_to_disk`'s `max_shard_size` in bytes.
-    pub max_shard_size: u64,
+    /// `save_to_disk`'s `max_shard_size` in bytes (`None`: [`hfds::DEFAULT_MAX_SHARD_SIZE`], or
+    /// with `merge` the value the ranks were given).
+    pub max_shard_size: Option<u64>,
     /// Worker threads (`None`: all cores).
     pub jobs: Option<usize>,
     /// The encoder.
@@ -366,6 +367,7 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
             "total_docs": total_docs,
             "inputs": inputs_meta,
             "batch_docs": sink.batch_docs,
+            "max_shard_size": opts.max_shard_size,
         });
         let (docs, tokens) = sink.finish()?;
         write_file(
@@ -403,7 +405,8 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
     if packer.docs == 0 {
         return Err(no_documents());
     }
-    finish_output(opts, dir, &spool, packer, started)
+    let max_shard_size = opts.max_shard_size.unwrap_or(hfds::DEFAULT_MAX_SHARD_SIZE);
+    finish_output(opts, dir, &spool, packer, max_shard_size, started)
 }
 
 fn no_documents() -> ToolError {
@@ -457,12 +460,14 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ToolError> {
         .map_err(ToolError::io)
 }
 
-/// Writes the dataset from the packer's spool, publishes the directory and the manifest.
+/// Writes the dataset from the packer's spool in shards of at most `max_shard_size`, publishes the
+/// directory and the manifest.
 fn finish_output(
     opts: &PackOptions,
     dir: AtomicDir,
     spool: &File,
     packer: Packer<BufWriter<&File>>,
+    max_shard_size: u64,
     started: Instant,
 ) -> Result<Summary, ToolError> {
     let (docs, tokens, separators, rows, block) = (
@@ -478,15 +483,8 @@ fn finish_output(
         .context("writing the token spool")
         .map_err(ToolError::io)?;
     drop(out);
-    let records = hfds::write_dataset(
-        dir.path(),
-        spool,
-        rows,
-        block,
-        opts.max_shard_size,
-        &fingerprint,
-    )
-    .map_err(ToolError::classify)?;
+    let records = hfds::write_dataset(dir.path(), spool, rows, block, max_shard_size, &fingerprint)
+        .map_err(ToolError::classify)?;
     let spool_path = dir.path().join(SPOOL);
     std::fs::remove_file(&spool_path)
         .with_context(|| format!("removing {}", spool_path.display()))
@@ -701,7 +699,13 @@ fn run_merge(opts: &PackOptions, started: Instant) -> Result<Summary, ToolError>
         let ids = parts[b % world].next().map_err(ToolError::classify)?;
         packer.push_batch(&ids).map_err(ToolError::io)?;
     }
-    finish_output(opts, dir, &spool, packer, started)
+    // The ranks' --max-shard-size unless the merge is given one, so the merge writes what a single
+    // process given the ranks' flags writes.
+    let max_shard_size = opts
+        .max_shard_size
+        .or(meta["max_shard_size"].as_u64())
+        .unwrap_or(hfds::DEFAULT_MAX_SHARD_SIZE);
+    finish_output(opts, dir, &spool, packer, max_shard_size, started)
 }
 
 /// Takes each tokenized batch (one id list per document).

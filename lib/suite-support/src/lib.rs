@@ -9,10 +9,12 @@
 //! * [`progress`]: byte progress bars on a terminal, no-ops elsewhere.
 //! * [`jobs`]: the rayon thread pool.
 //! * [`redact`]: hide access tokens before printing.
+//! * [`generate`]: `TOOL --generate man|complete-SHELL`: the man page and shell completions.
 #![warn(missing_docs)]
 
 pub mod atomic;
 pub mod exit;
+pub mod generate;
 pub mod hash;
 pub mod jobs;
 pub mod manifest;

@@ -150,6 +150,7 @@ fn options(a: Args) -> UnshardOptions {
 }
 
 fn main() -> ExitCode {
+    suite_support::generate::handle_generate::<Args>();
     let args = Args::parse();
     run_tool("ckpt-unshard", || -> Result<(), ToolError> {
         let opts = options(args);

@@ -125,6 +125,7 @@ fn options(a: Args) -> ShardOptions {
 }
 
 fn main() -> ExitCode {
+    suite_support::generate::handle_generate::<Args>();
     let args = Args::parse();
     run_tool("nx-shard", || -> Result<(), ToolError> {
         if args.merge_manifests {

@@ -98,6 +98,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    suite_support::generate::handle_generate::<Args>();
     let a = Args::parse();
     run_tool("shard-verify", || -> Result<(), ToolError> {
         let to_stdout = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str() == "-");

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use packing::hfds::DEFAULT_MAX_SHARD_SIZE;
 use packing::{InputFormat, ManifestTarget, PackOptions};
 use suite_support::exit::{run_tool, ToolError, EXIT_CODES_HELP};
 use suite_support::size::parse_size;
@@ -109,9 +108,10 @@ struct Args {
     #[arg(long, overrides_with = "eos")]
     no_eos: bool,
 
-    /// Largest shard, as save_to_disk's max_shard_size (500MB = 500*10^6 bytes).
-    #[arg(long, default_value = "500MB", value_name = "SIZE")]
-    max_shard_size: String,
+    /// Largest shard, as save_to_disk's max_shard_size (500MB = 500*10^6 bytes) [default: 500MB;
+    /// with --merge, the ranks' value].
+    #[arg(long, value_name = "SIZE")]
+    max_shard_size: Option<String>,
 
     /// The encoder: fast (tokenizers 1.0.0-rc.3, same ids as the reference on every test) or
     /// reference (tokenizers 0.22).
@@ -146,8 +146,14 @@ struct Args {
 }
 
 fn run(a: Args) -> Result<(), ToolError> {
-    let max_shard_size = parse_size(&a.max_shard_size)
-        .map_err(|e| ToolError::usage(anyhow::anyhow!("--max-shard-size: {e}")))?;
+    let max_shard_size = a
+        .max_shard_size
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(|e| ToolError::usage(anyhow::anyhow!("--max-shard-size: {e}")))?
+        // 0 means the default, as in datasets.
+        .filter(|&n| n != 0);
     if a.compat.is_some() && (a.eos || a.no_eos) {
         return Err(ToolError::usage(anyhow::anyhow!(
             "--eos/--no-eos do not apply with --compat nxd (get_dataset.py adds no EOS)"
@@ -175,11 +181,7 @@ fn run(a: Args) -> Result<(), ToolError> {
             Format::Arrow => InputFormat::Arrow,
         }),
         eos: !a.no_eos,
-        max_shard_size: if max_shard_size == 0 {
-            DEFAULT_MAX_SHARD_SIZE
-        } else {
-            max_shard_size
-        },
+        max_shard_size,
         jobs: a.jobs,
         encoder: match a.encoder {
             Encoder::Reference => packing::EncoderKind::Reference,
@@ -239,5 +241,6 @@ fn run(a: Args) -> Result<(), ToolError> {
 }
 
 fn main() -> ExitCode {
+    suite_support::generate::handle_generate::<Args>();
     run_tool("tok-pack", || run(Args::parse()))
 }
