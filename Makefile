@@ -8,8 +8,12 @@ PYDS3 := $(VENV)/datasets36/bin/python
 FIXTURES := $(ROOT)/fixtures
 BIN := $(ROOT)/target/release
 CARGO ?= cargo
+TOOLS := hf-fetch st-merge nx-shard tok-pack shard-verify ckpt-unshard
+# The local Slurm scripts need root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: all build install test test-rust test-compat lint fmt bench fuzz demo venv fixtures clean help \
+	slurm slurm-down docs
 	pretrain pretrain-8b pretrain-70b pretrain-405b fetch shards data sbatch pipeline-plan
 
 help:
@@ -18,6 +22,8 @@ help:
 	@echo "make test      every test: Rust unit/integration tests, compat tests against real torch/safetensors/transformers, lint"
 	@echo "make bench     benchmarks; results go to BENCHMARKS.md"
 	@echo "make fuzz      run the fuzz targets for a bounded time"
+	@echo "make docs      man pages and shell completions of every tool into target/doc-gen/"
+	@echo "make slurm     start a real single-node Slurm here (root); make slurm-down stops it"
 	@echo "make demo      the whole pipeline on a tiny model, offline, in a few minutes"
 	@echo "make pretrain-70b CORPUS=... the seed workflow for Llama 3 70B (also pretrain-8b, pretrain-405b;"
 	@echo "               variables: MODEL WORK TP PP KV_MULT HW XSER DTYPE CORPUS BLOCK SUBMIT NODES)"
@@ -27,8 +33,24 @@ all: build
 build:
 	$(CARGO) build --release --workspace --bins --examples
 
-install:
+install: docs
 	for t in tools/*/; do $(CARGO) install --locked --path $$t; done
+	@echo "man pages: target/doc-gen/man (copy to /usr/local/share/man/man1); completions: target/doc-gen/completions"
+
+docs: build
+	mkdir -p target/doc-gen/man target/doc-gen/completions/{bash,zsh,fish}
+	for t in $(TOOLS); do \
+	  $(BIN)/$$t --generate man > target/doc-gen/man/$$t.1 && \
+	  $(BIN)/$$t --generate complete-bash > target/doc-gen/completions/bash/$$t && \
+	  $(BIN)/$$t --generate complete-zsh > target/doc-gen/completions/zsh/_$$t && \
+	  $(BIN)/$$t --generate complete-fish > target/doc-gen/completions/fish/$$t.fish || exit 1; \
+	done
+
+slurm:
+	$(SUDO) bash scripts/slurm-up.sh
+
+slurm-down:
+	$(SUDO) bash scripts/slurm-down.sh
 
 venv:
 	bash scripts/setup-python.sh
@@ -42,7 +64,7 @@ test: lint test-rust test-compat
 test-rust:
 	$(CARGO) test --release --workspace
 
-test-compat: venv fixtures build
+test-compat: venv fixtures build slurm
 	FIXTURES=$(FIXTURES) BIN=$(BIN) PY21=$(PY21) PY_DATASETS3=$(PYDS3) $(PY) -m pytest -q tests/compat tests/reference
 
 lint:
