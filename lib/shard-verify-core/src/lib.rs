@@ -340,14 +340,6 @@ fn verify_shards(
     }
 
     if let Some(target) = &opts.record {
-        let skip = record_skip(target, opts.manifest.as_deref());
-        let files = walk_files(&loc.model_dir, &|p: &Path| skip(p))
-            .with_context(|| format!("listing {}", loc.model_dir.display()))
-            .map_err(usage)?;
-        let files: Vec<(String, PathBuf)> = files
-            .into_iter()
-            .map(|f| (rel_of(&loc.root, &f), f))
-            .collect();
         // As nx-shard describes them: shard files with their ranks, xser parts by kind.
         let describe = |r: ManifestRecord| -> ManifestRecord {
             if let Some(&i) = index.get(&r.path) {
@@ -370,7 +362,14 @@ fn verify_shards(
                 r
             }
         };
-        unreadable |= write_record(target, &files, &mut hashed, &describe, opts.progress)?;
+        unreadable |= record_dir(
+            opts,
+            target,
+            &loc.model_dir,
+            &loc.root,
+            &mut hashed,
+            &describe,
+        )?;
     }
 
     let count = |c: Check| problems.iter().filter(|x| x.check == c).count();
@@ -528,20 +527,12 @@ fn verify_dataset(
     }
     problems.extend(structure);
     if let Some(target) = &opts.record {
-        let skip = record_skip(target, opts.manifest.as_deref());
-        let files = walk_files(&opts.dir, &|p: &Path| skip(p))
-            .with_context(|| format!("listing {}", opts.dir.display()))
-            .map_err(usage)?;
-        let files: Vec<(String, PathBuf)> = files
-            .into_iter()
-            .map(|f| (rel_of(&opts.dir, &f), f))
-            .collect();
         let rows: HashMap<&String, u64> = d.data_files.iter().zip(d.rows.iter().copied()).collect();
         let describe = |r: ManifestRecord| match rows.get(&r.path) {
             Some(&n) => r.with_kind(DATASET_KIND).with_extra("rows", n),
             None => r.with_kind(DATASET_KIND),
         };
-        unreadable |= write_record(target, &files, &mut hashed, &describe, opts.progress)?;
+        unreadable |= record_dir(opts, target, &opts.dir, &opts.dir, &mut hashed, &describe)?;
     }
 
     let count = |c: Check| problems.iter().filter(|x| x.check == c).count();
@@ -629,6 +620,25 @@ fn record_skip(record: &Path, manifest: Option<&Path>) -> impl Fn(&Path) -> bool
             .is_some_and(|n| n.starts_with('.') && n.contains(".partial-"));
         partial || canon(p).is_some_and(|c| skip.contains(&c))
     }
+}
+
+/// Writes the `--record` manifest of every file under `walk` (paths relative to `base`), leaving
+/// out the record itself, the manifest being checked and partial outputs. Returns true if some
+/// file could not be read.
+fn record_dir(
+    opts: &VerifyOptions,
+    target: &Path,
+    walk: &Path,
+    base: &Path,
+    hashed: &mut HashMap<String, Hashed>,
+    describe: Describe<'_>,
+) -> Result<bool, ToolError> {
+    let skip = record_skip(target, opts.manifest.as_deref());
+    let files = walk_files(walk, &|p: &Path| skip(p))
+        .with_context(|| format!("listing {}", walk.display()))
+        .map_err(usage)?;
+    let files: Vec<(String, PathBuf)> = files.into_iter().map(|f| (rel_of(base, &f), f)).collect();
+    write_record(target, &files, hashed, describe, opts.progress)
 }
 
 /// Adds what is known about a file (`kind`, extra fields) to its record.
