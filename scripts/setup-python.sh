@@ -3,6 +3,7 @@
 #   .venv/current : torch 2.15 (current) + transformers, safetensors, datasets, huggingface_hub, tokenizers, peft
 #   .venv/torch21 : torch 2.1.2 (the Neuron SDK's torch) + safetensors
 #   .venv/datasets36 : datasets 3.6 (NxD's pin), to load tok-pack's output
+#   .venv/hub036 : huggingface_hub 0.36 + hf_transfer (the last line that used it), for the hf-fetch benchmark
 # Idempotent: a venv whose stamp matches the pins is left alone. Uses uv (from PyPI) for speed and its cache.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,6 +17,8 @@ current_pins=(
 torch21_pins=( "torch==2.1.2" "numpy<2" "safetensors==0.8.0" "pytest==9.2.0" )
 # NxD pins datasets 3.6: tok-pack's output must load there too.
 datasets36_pins=( "datasets==3.6.0" "pyarrow==26.0.1" )
+# hf-fetch's benchmark compares with the last huggingface_hub that used hf_transfer.
+hub036_pins=( "huggingface_hub==0.36.*" "hf_transfer==0.1.9" )
 
 # uv lives in its own small venv so the system Python is never modified.
 uv="$venvs/uv/bin/uv"
@@ -41,4 +44,5 @@ make_venv() { # name pins...
 make_venv current "${current_pins[@]}"
 make_venv torch21 "${torch21_pins[@]}"
 make_venv datasets36 "${datasets36_pins[@]}"
+make_venv hub036 "${hub036_pins[@]}"
 echo "setup-python: ready ($venvs/current, $venvs/torch21)" >&2

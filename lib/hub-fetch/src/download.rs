@@ -8,7 +8,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, LOCATION, RANGE};
@@ -22,7 +22,9 @@ use tokio::sync::mpsc;
 use crate::error::FetchError;
 use crate::hub::{describe, retryable, Hub, Resolved};
 use crate::layout::{Layout, RESUME_SUFFIX};
-use crate::plan::{chunk_ranges, parse_resume, resume_header, resume_record, Digest, RemoteFile};
+use crate::plan::{
+    chunk_ranges, effective_chunk, parse_resume, resume_header, resume_record, Digest, RemoteFile,
+};
 
 /// How often (bytes) a range's progress is appended to the resume log.
 pub const LOG_EVERY: u64 = 1 << 20;
@@ -40,6 +42,8 @@ pub struct Job {
     data: File,
     log: Mutex<File>,
     ranges: Vec<Range<u64>>,
+    /// Bytes on disk from the start of each range (contiguous), for the streaming hasher.
+    written: Vec<AtomicU64>,
     hash: Mutex<HashState>,
     failed: AtomicBool,
 }
@@ -47,6 +51,8 @@ pub struct Job {
 struct HashState {
     done: Vec<bool>,
     cursor: usize,
+    /// Bytes of range `cursor` already hashed.
+    hashed: u64,
     busy: bool,
     sha256: Option<Sha256>,
     git: Option<Sha1>,
@@ -74,6 +80,9 @@ pub struct Ctx {
     results: mpsc::UnboundedSender<Result<Vec<ManifestRecord>, Option<FetchError>>>,
 }
 
+/// A job, the (chunk index, start offset) of the ranges still to fetch, and the bytes already on disk.
+pub type OpenedJob = (Arc<Job>, Vec<(usize, u64)>, u64);
+
 /// Opens (or resumes) the partial file of `file` and returns its job, the units still to
 /// fetch and how many bytes are already there.
 pub fn open_job(
@@ -82,7 +91,7 @@ pub fn open_job(
     aliases: Vec<RemoteFile>,
     resolved: Resolved,
     chunk: u64,
-) -> Result<(Arc<Job>, Vec<(usize, u64)>, u64), FetchError> {
+) -> Result<OpenedJob, FetchError> {
     let partial = layout.partial_path(&file);
     let mut log_path = partial.clone().into_os_string();
     log_path.push(RESUME_SUFFIX.trim_start_matches(".hf-fetch"));
@@ -90,6 +99,7 @@ pub fn open_job(
     if let Some(parent) = partial.parent() {
         fs::create_dir_all(parent).map_err(|e| FetchError::io(parent, e))?;
     }
+    let chunk = effective_chunk(file.size, chunk);
     let ranges = chunk_ranges(file.size, chunk);
     let header = resume_header(file.digest.etag(), file.size, chunk);
     let existing_len = fs::metadata(&partial).map(|m| m.len()).ok();
@@ -141,10 +151,12 @@ pub fn open_job(
         log_path,
         data,
         log: Mutex::new(log),
+        written: done.iter().map(|&d| AtomicU64::new(d)).collect(),
         ranges,
         hash: Mutex::new(HashState {
             done: flags,
             cursor: 0,
+            hashed: 0,
             busy: false,
             sha256: Some(Sha256::new()),
             git,
@@ -220,6 +232,10 @@ pub fn units_of(job: &Arc<Job>, starts: &[(usize, u64)]) -> Vec<Unit> {
         .collect()
 }
 
+/// Files at least this big are hashed while their ranges arrive (by a hasher that follows the
+/// bytes written); smaller ones once complete.
+pub const STREAM_HASH_MIN: u64 = 8 << 20;
+
 /// Starts hashing a job whose chunks were all on disk already.
 pub fn kick(ctx: &Arc<Ctx>, job: &Arc<Job>) {
     chunk_done(ctx, job, None);
@@ -237,10 +253,16 @@ pub async fn worker(ctx: Arc<Ctx>) {
         if unit.job.failed.load(Ordering::SeqCst) {
             continue;
         }
+        if unit.job.file.size >= STREAM_HASH_MIN {
+            start_hasher(&ctx, &unit.job);
+        }
         match fetch_unit(&ctx, &unit).await {
             Ok(()) => chunk_done(&ctx, &unit.job, Some(unit.index)),
             Err(e) => {
-                if !matches!(e, FetchError::Integrity { .. } | FetchError::Inconsistent { .. }) {
+                if !matches!(
+                    e,
+                    FetchError::Integrity { .. } | FetchError::Inconsistent { .. }
+                ) {
                     ctx.abort();
                 }
                 ctx.fail(&unit.job, Some(e));
@@ -249,10 +271,21 @@ pub async fn worker(ctx: Arc<Ctx>) {
     }
 }
 
+fn start_hasher(ctx: &Arc<Ctx>, job: &Arc<Job>) {
+    let mut st = job.hash.lock().expect("hash lock");
+    if !st.busy && st.cursor < job.ranges.len() {
+        st.busy = true;
+        let (ctx, job) = (ctx.clone(), job.clone());
+        tokio::task::spawn_blocking(move || hash_in_order(&ctx, &job));
+    }
+}
+
 fn chunk_done(ctx: &Arc<Ctx>, job: &Arc<Job>, index: Option<usize>) {
     let mut st = job.hash.lock().expect("hash lock");
     if let Some(i) = index {
         st.done[i] = true;
+        let r = &job.ranges[i];
+        job.written[i].store(r.end - r.start, Ordering::Release);
     }
     let ready = st.cursor < job.ranges.len() && st.done[st.cursor];
     if !st.busy && ready {
@@ -262,41 +295,56 @@ fn chunk_done(ctx: &Arc<Ctx>, job: &Arc<Job>, index: Option<usize>) {
     }
 }
 
-/// Hashes the finished prefix of a job's chunks; the call that reaches the end verifies and
-/// publishes the file.
+/// Hashes the bytes on disk in file order; a large file's hasher waits for more bytes, a small
+/// file's returns and is started again when a range completes. The call that reaches the end
+/// verifies and publishes the file.
 fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
     let mut buf = vec![0u8; 1 << 20];
+    let follow = job.file.size >= STREAM_HASH_MIN;
     loop {
-        let (range, mut sha, mut git) = {
+        let (from, to, mut sha, mut git) = {
             let mut st = job.hash.lock().expect("hash lock");
-            if job.failed.load(Ordering::SeqCst) {
+            if job.failed.load(Ordering::SeqCst) || (follow && ctx.abort.load(Ordering::SeqCst)) {
                 st.busy = false;
                 return;
             }
-            if st.cursor < job.ranges.len() && st.done[st.cursor] {
-                (
-                    job.ranges[st.cursor].clone(),
-                    st.sha256.take().expect("hasher"),
-                    st.git.take(),
-                )
-            } else if st.cursor == job.ranges.len() {
+            if st.cursor == job.ranges.len() {
                 let sha = st.sha256.take().expect("hasher");
                 let git = st.git.take();
                 drop(st);
                 finish(ctx, job, sha, git);
                 return;
+            }
+            let r = &job.ranges[st.cursor];
+            let avail = job.written[st.cursor].load(Ordering::Acquire);
+            if st.done[st.cursor] && st.hashed == r.end - r.start {
+                st.cursor += 1;
+                st.hashed = 0;
+                continue;
+            }
+            if avail > st.hashed {
+                (
+                    r.start + st.hashed,
+                    r.start + avail,
+                    st.sha256.take().expect("hasher"),
+                    st.git.take(),
+                )
+            } else if follow {
+                drop(st);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                continue;
             } else {
                 st.busy = false;
                 return;
             }
         };
-        let mut pos = range.start;
-        while pos < range.end {
-            let n = ((range.end - pos) as usize).min(buf.len());
+        let mut pos = from;
+        let mut failure = None;
+        while pos < to {
+            let n = ((to - pos) as usize).min(buf.len());
             if let Err(e) = job.data.read_exact_at(&mut buf[..n], pos) {
-                ctx.abort();
-                ctx.fail(job, Some(FetchError::io(&job.partial, e)));
-                return;
+                failure = Some(e);
+                break;
             }
             sha.update(&buf[..n]);
             if let Some(g) = git.as_mut() {
@@ -304,10 +352,15 @@ fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
             }
             pos += n as u64;
         }
+        if let Some(e) = failure {
+            ctx.abort();
+            ctx.fail(job, Some(FetchError::io(&job.partial, e)));
+            return;
+        }
         let mut st = job.hash.lock().expect("hash lock");
         st.sha256 = Some(sha);
         st.git = git;
-        st.cursor += 1;
+        st.hashed += to - from;
     }
 }
 
@@ -333,7 +386,8 @@ fn finish(ctx: &Ctx, job: &Job, sha: Sha256, git: Option<Sha1>) {
         return;
     }
     let publish = || -> std::io::Result<()> {
-        ctx.layout.publish(&ctx.commit, &job.file, Some(&job.partial))?;
+        ctx.layout
+            .publish(&ctx.commit, &job.file, Some(&job.partial))?;
         for a in &job.aliases {
             ctx.layout.publish(&ctx.commit, a, None)?;
         }
@@ -341,7 +395,10 @@ fn finish(ctx: &Ctx, job: &Job, sha: Sha256, git: Option<Sha1>) {
     };
     if let Err(e) = publish() {
         ctx.abort();
-        ctx.fail(job, Some(FetchError::io(ctx.layout.content_path(&job.file), e)));
+        ctx.fail(
+            job,
+            Some(FetchError::io(ctx.layout.content_path(&job.file), e)),
+        );
         return;
     }
     let _ = fs::remove_file(&job.log_path);
@@ -435,16 +492,25 @@ async fn fetch_unit(ctx: &Ctx, unit: &Unit) -> Result<(), FetchError> {
             Ok(r) => {
                 let status = r.status();
                 let h = r.headers();
-                let hv = |k| h.get(k).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok());
+                let hv = |k| {
+                    h.get(k)
+                        .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                };
                 if status == StatusCode::PARTIAL_CONTENT {
                     let Some((a, b, total)) = hv(CONTENT_RANGE).and_then(parse_content_range)
                     else {
-                        return Err(inconsistent(job, "206 without a valid Content-Range".into()));
+                        return Err(inconsistent(
+                            job,
+                            "206 without a valid Content-Range".into(),
+                        ));
                     };
                     if total.is_some_and(|t| t != size) {
                         return Err(inconsistent(
                             job,
-                            format!("the listing says {size} bytes, the download server {}", total.unwrap_or(0)),
+                            format!(
+                                "the listing says {size} bytes, the download server {}",
+                                total.unwrap_or(0)
+                            ),
                         ));
                     }
                     if a != pos || b < a {
@@ -486,13 +552,23 @@ async fn fetch_unit(ctx: &Ctx, unit: &Unit) -> Result<(), FetchError> {
                     wait_headers = Some(h.clone());
                     let e = ctx
                         .hub
-                        .error_from(r, &format!("{}: downloading", job.file.path), Some(&job.file.path), Some(&ctx.commit))
+                        .error_from(
+                            r,
+                            &format!("{}: downloading", job.file.path),
+                            Some(&job.file.path),
+                            Some(&ctx.commit),
+                        )
                         .await;
                     Err(e)
                 } else {
                     return Err(ctx
                         .hub
-                        .error_from(r, &format!("{}: downloading", job.file.path), Some(&job.file.path), Some(&ctx.commit))
+                        .error_from(
+                            r,
+                            &format!("{}: downloading", job.file.path),
+                            Some(&job.file.path),
+                            Some(&ctx.commit),
+                        )
                         .await);
                 }
             }
@@ -515,6 +591,7 @@ async fn fetch_unit(ctx: &Ctx, unit: &Unit) -> Result<(), FetchError> {
                                 .write_all_at(&b[..take], pos)
                                 .map_err(|e| FetchError::io(&job.partial, e))?;
                             pos += take as u64;
+                            job.written[unit.index].store(pos - range.start, Ordering::Release);
                             ctx.progress.inc(take as u64);
                             if pos - logged >= LOG_EVERY {
                                 log_progress(job, unit.index, pos - range.start);
@@ -526,7 +603,10 @@ async fn fetch_unit(ctx: &Ctx, unit: &Unit) -> Result<(), FetchError> {
                         }
                     }
                     Ok(None) => {
-                        break Some(network(job, "the connection closed before the end of the range".into()))
+                        break Some(network(
+                            job,
+                            "the connection closed before the end of the range".into(),
+                        ))
                     }
                     Err(e) => break Some(network(job, describe(&e))),
                 }
@@ -555,7 +635,10 @@ mod tests {
 
     #[test]
     fn content_range() {
-        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0, 9, Some(100))));
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((0, 9, Some(100)))
+        );
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
         assert_eq!(parse_content_range("bytes */100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);

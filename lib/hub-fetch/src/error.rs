@@ -89,7 +89,9 @@ pub enum FetchError {
         detail: String,
     },
     /// The downloaded bytes do not hash to what the listing promised.
-    #[error("{path}: {algorithm} mismatch: the listing says {expected}, the bytes hash to {actual}")]
+    #[error(
+        "{path}: {algorithm} mismatch: the listing says {expected}, the bytes hash to {actual}"
+    )]
     Integrity {
         /// The repo file.
         path: String,

@@ -173,7 +173,11 @@ impl Hub {
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(read_timeout)
             .pool_max_idle_per_host(connections.max(1))
-            .user_agent(concat!("hf-fetch/", env!("CARGO_PKG_VERSION"), "; hf_hub/compatible"))
+            .user_agent(concat!(
+                "hf-fetch/",
+                env!("CARGO_PKG_VERSION"),
+                "; hf_hub/compatible"
+            ))
             .build()
             .map_err(|e| FetchError::Usage(format!("cannot set up HTTP: {}", describe(&e))))?;
         Ok(Hub {
@@ -212,8 +216,12 @@ impl Hub {
 
     fn api_url(&self, tail: &str) -> Url {
         let base = self.endpoint.as_str().trim_end_matches('/');
-        Url::parse(&format!("{base}/api/{}/{}/{tail}", self.repo_type.plural(), self.repo))
-            .expect("endpoint URL plus a quoted path is a URL")
+        Url::parse(&format!(
+            "{base}/api/{}/{}/{tail}",
+            self.repo_type.plural(),
+            self.repo
+        ))
+        .expect("endpoint URL plus a quoted path is a URL")
     }
 
     /// The `/resolve` URL of a file at a commit.
@@ -413,7 +421,9 @@ impl Hub {
         let mut url = self.resolve_url(commit, path);
         let what = format!("{path}: resolving");
         for _hop in 0..20 {
-            let r = self.send(&what, || self.request(Method::HEAD, &url)).await?;
+            let r = self
+                .send(&what, || self.request(Method::HEAD, &url))
+                .await?;
             let status = r.status();
             let h = r.headers();
             let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
@@ -424,12 +434,12 @@ impl Hub {
                         detail: format!("HTTP {} without a usable Location", status.as_u16()),
                     });
                 };
-                if origin(&next) == origin(&url) || self.is_hub_origin(&next) {
-                    if get("x-linked-etag").is_none() && get("x-repo-commit").is_none() {
-                        url = next;
-                        continue;
-                    }
-                    // A same-origin redirect that carries the metadata (mirror-style CDN).
+                // Follow same-origin and Hub redirects (renamed repos, resolve-cache) unless
+                // the redirect itself carries the metadata (a mirror-style CDN on the Hub origin).
+                let same = origin(&next) == origin(&url) || self.is_hub_origin(&next);
+                if same && get("x-linked-etag").is_none() && get("x-repo-commit").is_none() {
+                    url = next;
+                    continue;
                 }
                 return Ok(Resolved {
                     auth: self.is_hub_origin(&next),
@@ -459,7 +469,10 @@ impl Hub {
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(r: Response, what: &str) -> Result<T, FetchError> {
+async fn read_json<T: serde::de::DeserializeOwned>(
+    r: Response,
+    what: &str,
+) -> Result<T, FetchError> {
     let body = r.bytes().await.map_err(|e| FetchError::Network {
         what: what.to_string(),
         detail: describe(&e),
@@ -525,7 +538,10 @@ mod tests {
             "link",
             "<http://x/api/models/o/m/tree/c?cursor=abc>; rel=\"next\"",
         )]);
-        assert_eq!(next_link(&h).unwrap(), "http://x/api/models/o/m/tree/c?cursor=abc");
+        assert_eq!(
+            next_link(&h).unwrap(),
+            "http://x/api/models/o/m/tree/c?cursor=abc"
+        );
         assert_eq!(next_link(&headers(&[("link", "<a>; rel=\"prev\"")])), None);
         assert_eq!(normalize_etag("W/\"abc\""), "abc");
         assert_eq!(normalize_etag("\"abc\""), "abc");
@@ -550,7 +566,8 @@ mod tests {
         assert!(!h.is_hub_origin(&Url::parse("http://127.0.0.1:10/x").unwrap()));
         assert!(!h.is_hub_origin(&Url::parse("https://cdn-lfs.hf.co/x").unwrap()));
         assert_eq!(
-            h.resolve_url("refs/pr/1", "sub/weird name (1).txt").as_str(),
+            h.resolve_url("refs/pr/1", "sub/weird name (1).txt")
+                .as_str(),
             "http://127.0.0.1:9/org/m/resolve/refs%2Fpr%2F1/sub/weird%20name%20%281%29.txt"
         );
     }
@@ -574,7 +591,15 @@ mod tests {
             FetchError::GatedNoAccess { .. }
         ));
         assert!(matches!(
-            c(&with, 401, &[("x-error-message", "Invalid credentials in Authorization header")], ""),
+            c(
+                &with,
+                401,
+                &[(
+                    "x-error-message",
+                    "Invalid credentials in Authorization header"
+                )],
+                ""
+            ),
             FetchError::BadToken
         ));
         assert!(matches!(

@@ -255,7 +255,12 @@ impl Layout {
 
     /// Makes a complete file visible: renames `partial` (if given) to its final place and writes
     /// the metadata (local dir) or the snapshot symlink (cache).
-    pub fn publish(&self, commit: &str, file: &RemoteFile, partial: Option<&Path>) -> io::Result<()> {
+    pub fn publish(
+        &self,
+        commit: &str,
+        file: &RemoteFile,
+        partial: Option<&Path>,
+    ) -> io::Result<()> {
         let content = self.content_path(file);
         if let Some(partial) = partial {
             if let Some(parent) = content.parent() {
@@ -308,7 +313,10 @@ mod tests {
 
     #[test]
     fn names_like_huggingface_hub() {
-        assert_eq!(repo_folder_name(RepoType::Model, "org/name"), "models--org--name");
+        assert_eq!(
+            repo_folder_name(RepoType::Model, "org/name"),
+            "models--org--name"
+        );
         assert_eq!(repo_folder_name(RepoType::Dataset, "d"), "datasets--d");
         assert_eq!(short_name("config.json").len(), 28);
         assert!(short_name("config.json").ends_with('='));
@@ -316,7 +324,10 @@ mod tests {
             snapshot_link_target("sub/deeper/x.txt", "ab"),
             PathBuf::from("../../../../blobs/ab")
         );
-        assert_eq!(snapshot_link_target("m.bin", "ab"), PathBuf::from("../../blobs/ab"));
+        assert_eq!(
+            snapshot_link_target("m.bin", "ab"),
+            PathBuf::from("../../blobs/ab")
+        );
     }
 
     #[test]
@@ -324,7 +335,10 @@ mod tests {
         let c = "c".repeat(40);
         let t = format_metadata(&c, "e", 1795374299.7517009);
         assert_eq!(t, format!("{c}\ne\n1795374299.7517009\n"));
-        assert_eq!(parse_metadata(&t), Some((c, "e".into(), 1795374299.7517009)));
+        assert_eq!(
+            parse_metadata(&t),
+            Some((c, "e".into(), 1795374299.7517009))
+        );
         assert_eq!(format_metadata("a", "b", 5.0), "a\nb\n5.0\n");
         assert!(parse_metadata("a\nb\n").is_none());
     }
@@ -349,7 +363,11 @@ mod tests {
         layout.publish(&commit, &file, Some(&partial)).unwrap();
         assert_eq!(fs::read(dir.path().join("sub/a.txt")).unwrap(), b"abc");
         assert_eq!(layout.present(&commit, &file), Present::Complete);
-        fs::remove_file(dir.path().join(".cache/huggingface/download/sub/a.txt.metadata")).unwrap();
+        fs::remove_file(
+            dir.path()
+                .join(".cache/huggingface/download/sub/a.txt.metadata"),
+        )
+        .unwrap();
         assert_eq!(layout.present(&commit, &file), Present::Unverified);
     }
 }

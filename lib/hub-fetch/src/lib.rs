@@ -166,7 +166,8 @@ impl std::io::Write for HashWriter<'_> {
 }
 
 fn record(file: &RemoteFile, sha256: String, commit: &str) -> ManifestRecord {
-    ManifestRecord::new(file.path.clone(), file.size, sha256).with_extra("commit", commit.to_string())
+    ManifestRecord::new(file.path.clone(), file.size, sha256)
+        .with_extra("commit", commit.to_string())
 }
 
 async fn online(opts: &FetchOptions, layout: Layout) -> Result<FetchReport, FetchError> {
@@ -227,7 +228,11 @@ async fn online(opts: &FetchOptions, layout: Layout) -> Result<FetchReport, Fetc
     if opts.dry_run {
         for f in &todo {
             let partial = layout.partial_path(f);
-            let verb = if partial.exists() { "resume" } else { "download" };
+            let verb = if partial.exists() {
+                "resume"
+            } else {
+                "download"
+            };
             plan.push(format!("{verb} {} {}", f.path, f.size));
         }
         plan.sort_by(|a, b| a.split(' ').nth(1).cmp(&b.split(' ').nth(1)));
@@ -313,7 +318,14 @@ async fn online(opts: &FetchOptions, layout: Layout) -> Result<FetchReport, Fetc
     let progress = Progress::new(total, "hf-fetch", opts.progress && !env.disable_progress);
     progress.inc(have);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let ctx = Arc::new(Ctx::new(hub, layout, commit.clone(), progress.clone(), units, tx));
+    let ctx = Arc::new(Ctx::new(
+        hub,
+        layout,
+        commit.clone(),
+        progress.clone(),
+        units,
+        tx,
+    ));
     for (job, complete) in &jobs {
         if *complete {
             kick(&ctx, job);
@@ -400,7 +412,9 @@ fn offline(opts: &FetchOptions, layout: &Layout) -> Result<FetchReport, FetchErr
             let mut commit = String::new();
             let mut paths = Vec::new();
             for m in mds {
-                let Some(p) = m.strip_suffix(".metadata") else { continue };
+                let Some(p) = m.strip_suffix(".metadata") else {
+                    continue;
+                };
                 if let Some((c, _, _)) = std::fs::read_to_string(md_root.join(&m))
                     .ok()
                     .and_then(|t| parse_metadata(&t))
@@ -417,7 +431,9 @@ fn offline(opts: &FetchOptions, layout: &Layout) -> Result<FetchReport, FetchErr
     let mut records = Vec::new();
     for p in paths.iter().filter(|p| wanted(p)) {
         let full = output_dir.join(p);
-        let bytes = std::fs::metadata(&full).map_err(|e| FetchError::io(&full, e))?.len();
+        let bytes = std::fs::metadata(&full)
+            .map_err(|e| FetchError::io(&full, e))?
+            .len();
         records.push(
             ManifestRecord::new(p.clone(), bytes, sha256_of(&full)?)
                 .with_extra("commit", commit.clone()),
@@ -436,7 +452,8 @@ fn offline(opts: &FetchOptions, layout: &Layout) -> Result<FetchReport, FetchErr
     }
     records.sort_by(|a, b| a.path.cmp(&b.path));
     if !opts.dry_run {
-        opts.manifest.write(&layout.default_manifest(&commit), &records)?;
+        opts.manifest
+            .write(&layout.default_manifest(&commit), &records)?;
     }
     Ok(FetchReport {
         commit,
@@ -450,7 +467,9 @@ fn offline(opts: &FetchOptions, layout: &Layout) -> Result<FetchReport, FetchErr
 
 /// Lists the files (and symlinks to files) under `dir`, as `/`-separated relative paths.
 fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut names: Vec<_> = rd.flatten().collect();
     names.sort_by_key(|e| e.file_name());
     for e in names {

@@ -72,7 +72,10 @@ pub fn check_repo_id(id: &str) -> Result<(), FetchError> {
         {
             return bad("only letters, digits, `-`, `_` and `.` are allowed");
         }
-        if p.starts_with(['-', '.']) || p.ends_with(['-', '.']) || p.contains("--") || p.contains("..")
+        if p.starts_with(['-', '.'])
+            || p.ends_with(['-', '.'])
+            || p.contains("--")
+            || p.contains("..")
         {
             return bad("`-` or `.` at an end, or `--`/`..`");
         }
@@ -190,7 +193,16 @@ mod tests {
         for good in ["gpt2", "meta-llama/Llama-3.1-8B", "org/tiny_model.v2"] {
             assert!(check_repo_id(good).is_ok(), "{good}");
         }
-        for bad in ["", "a/b/c", "../x", "a/..", "org/na me", "-a/b", "a--b/c", "/x"] {
+        for bad in [
+            "",
+            "a/b/c",
+            "../x",
+            "a/..",
+            "org/na me",
+            "-a/b",
+            "a--b/c",
+            "/x",
+        ] {
             assert!(check_repo_id(bad).is_err(), "{bad}");
         }
     }
@@ -207,11 +219,7 @@ mod tests {
 
     #[test]
     fn patterns_like_fnmatch() {
-        let f = PathFilter::new(
-            &["*.json".into(), "sub/".into()],
-            &["*notes*".into()],
-        )
-        .unwrap();
+        let f = PathFilter::new(&["*.json".into(), "sub/".into()], &["*notes*".into()]).unwrap();
         assert!(f.keeps("config.json"));
         assert!(f.keeps("data/a/b.json"));
         assert!(f.keeps("sub/deeper/weird name (1).txt"));

@@ -158,12 +158,24 @@ fn remote_file(e: &TreeEntry) -> Result<RemoteFile, FetchError> {
     })
 }
 
+/// The smallest range size [`effective_chunk`] picks by itself.
+pub const MIN_CHUNK: u64 = 1 << 20;
+
+/// The range size for a file: `requested`, but small enough that the file is cut into at least
+/// 16 ranges (whole MiB, at least [`MIN_CHUNK`]), so a file a few times the range size still
+/// spreads over many connections. Depends only on the size and `requested`, so a rerun cuts
+/// the file the same way and resumes.
+pub fn effective_chunk(size: u64, requested: u64) -> u64 {
+    let spread = size.div_ceil(16).div_ceil(MIN_CHUNK).max(1) * MIN_CHUNK;
+    requested.min(spread).max(1)
+}
+
 /// Splits `0..size` into ranges of `chunk` bytes (the last one shorter); an empty file is one
 /// empty range, so every file has at least one.
 pub fn chunk_ranges(size: u64, chunk: u64) -> Vec<Range<u64>> {
     let chunk = chunk.max(1);
     if size == 0 {
-        return vec![0..0];
+        return std::iter::once(0..0).collect();
     }
     (0..size.div_ceil(chunk))
         .map(|i| i * chunk..((i + 1) * chunk).min(size))
@@ -241,9 +253,20 @@ mod tests {
         assert_eq!(files[1].digest, Digest::Sha256("b".repeat(64)));
         assert_eq!(files[0].digest, Digest::GitSha1("a".repeat(40)));
         let json = PathFilter::new(&["*.json".into()], &[]).unwrap();
-        assert_eq!(select_files(&entries, &[], &json, "o/r", "main").unwrap().len(), 1);
-        let named = select_files(&entries, &["sub/".into(), "config.json".into()], &all, "o/r", "main")
-            .unwrap();
+        assert_eq!(
+            select_files(&entries, &[], &json, "o/r", "main")
+                .unwrap()
+                .len(),
+            1
+        );
+        let named = select_files(
+            &entries,
+            &["sub/".into(), "config.json".into()],
+            &all,
+            "o/r",
+            "main",
+        )
+        .unwrap();
         assert_eq!(named.len(), 2);
         let missing = select_files(&entries, &["nope".into()], &all, "o/r", "main");
         assert!(matches!(missing, Err(FetchError::EntryNotFound { .. })));
@@ -266,9 +289,11 @@ mod tests {
         assert!(select_files(&[e], &[], &all, "o/r", "main").is_err());
         // An unsafe name that is excluded is simply not fetched.
         let only = PathFilter::new(&["*.json".into()], &[]).unwrap();
-        assert!(select_files(&[entry("../x", 1, false)], &[], &only, "o/r", "main")
-            .unwrap()
-            .is_empty());
+        assert!(
+            select_files(&[entry("../x", 1, false)], &[], &only, "o/r", "main")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -277,8 +302,22 @@ mod tests {
         let h = resume_header("e", 25, 10);
         let text = format!("{h}0 4\n0 10\n2 5\n1 3\n9 9\n2 99\n1 7");
         assert_eq!(parse_resume(&text, &h, &ranges), Some(vec![10, 3, 5]));
-        assert_eq!(parse_resume(&text, &resume_header("f", 25, 10), &ranges), None);
+        assert_eq!(
+            parse_resume(&text, &resume_header("f", 25, 10), &ranges),
+            None
+        );
         assert_eq!(parse_resume(&h, &h, &ranges), Some(vec![0, 0, 0]));
+    }
+
+    #[test]
+    fn chunk_choice() {
+        assert_eq!(effective_chunk(1 << 30, 32 << 20), 32 << 20);
+        assert_eq!(effective_chunk(64 << 20, 32 << 20), 4 << 20);
+        assert_eq!(effective_chunk(24 << 20, 2 << 20), 2 << 20);
+        assert_eq!(effective_chunk(6 << 20, 1 << 20), 1 << 20);
+        assert_eq!(effective_chunk(100, 32 << 20), 1 << 20);
+        assert_eq!(effective_chunk(0, 32 << 20), 1 << 20);
+        assert_eq!(effective_chunk(1 << 30, 1000), 1000);
     }
 
     proptest! {
