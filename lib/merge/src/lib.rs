@@ -383,16 +383,22 @@ fn write_dir(
         Some(src) => {
             for name in SIDE_FILES {
                 let from = src.join(name);
-                if from.is_file() {
-                    let w =
-                        copy_small_file(&from, dir.path(), name).map_err(ToolError::classify)?;
-                    let kind = if name.starts_with("tokenizer") || !name.ends_with("config.json") {
-                        "tokenizer"
-                    } else {
-                        "config"
-                    };
-                    records.push(w.record(name, kind));
+                if !from.is_file() {
+                    continue;
                 }
+                let w = match opts.dtype {
+                    Some(dtype) if *name == "config.json" => {
+                        write_config(&from, &dir.path().join(name), dtype)
+                    }
+                    _ => copy_small_file(&from, dir.path(), name),
+                }
+                .map_err(ToolError::classify)?;
+                let kind = if name.starts_with("tokenizer") || !name.ends_with("config.json") {
+                    "tokenizer"
+                } else {
+                    "config"
+                };
+                records.push(w.record(name, kind));
             }
         }
         None => eprintln!(
@@ -435,6 +441,42 @@ fn write_dir(
     Ok(records)
 }
 
+/// `config.json` with its `dtype` / `torch_dtype` value changed to `dtype` (what
+/// `save_pretrained` of the converted model writes); every other byte as it was.
+pub fn config_with_dtype(text: &str, dtype: DType) -> String {
+    let mut out = text.to_string();
+    for key in ["\"dtype\"", "\"torch_dtype\""] {
+        let mut from = 0;
+        while let Some(at) = out[from..].find(key).map(|i| i + from) {
+            let rest = &out[at + key.len()..];
+            let value_start = rest.find('"').filter(|&i| rest[..i].trim() == ":");
+            let Some(vs) = value_start else {
+                from = at + key.len();
+                continue;
+            };
+            let value = &rest[vs + 1..];
+            let Some(ve) = value.find('"') else { break };
+            let start = at + key.len() + vs + 1;
+            let is_float = DType::from_torch_name(&value[..ve]).is_some_and(DType::is_float);
+            if is_float {
+                out.replace_range(start..start + ve, dtype.torch_name());
+            }
+            from = start;
+        }
+    }
+    out
+}
+
+fn write_config(src: &Path, dst: &Path, dtype: DType) -> anyhow::Result<checkpoint_write::Written> {
+    let text =
+        std::fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?;
+    let new = config_with_dtype(&text, dtype);
+    checkpoint_write::write_atomic(dst, |mut h| {
+        std::io::Write::write_all(&mut h, new.as_bytes())?;
+        Ok(h)
+    })
+}
+
 /// The dry-run plan as JSON lines: one object per output tensor.
 pub fn plan_json(outcome: &Outcome, max_shard_size: u64) -> Vec<serde_json::Value> {
     let shard_of: BTreeMap<usize, String> = if outcome.kind == OutputKind::Dir {
@@ -472,4 +514,19 @@ pub fn plan_json(outcome: &Outcome, max_shard_size: u64) -> Vec<serde_json::Valu
             v
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dtype_follows_the_conversion() {
+        let text = "{\n  \"dtype\": \"bfloat16\",\n  \"rms_norm_eps\": 1e-06,\n  \"sub\": {\"torch_dtype\" : \"float16\", \"dtype\": \"int64\"}\n}\n";
+        assert_eq!(
+            config_with_dtype(text, DType::F32),
+            "{\n  \"dtype\": \"float32\",\n  \"rms_norm_eps\": 1e-06,\n  \"sub\": {\"torch_dtype\" : \"float32\", \"dtype\": \"int64\"}\n}\n"
+        );
+        assert_eq!(config_with_dtype("{}", DType::BF16), "{}");
+    }
 }

@@ -422,7 +422,7 @@ mod tests {
                 ..PlanOptions::default()
             };
             let kept: Vec<&TensorInfo> = tensors.iter().filter(|t| !t.name.ends_with('x')).collect();
-            match plan(&[tensors.clone()], &["in".into()], &opts, None) {
+            match plan(std::slice::from_ref(&tensors), &["in".into()], &opts, None) {
                 Err(e) => prop_assert!(kept.is_empty() && e.usage),
                 Ok(p) => {
                     prop_assert_eq!(p.len(), kept.len());
