@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import BIN, FIXTURES, describe, load_in_torch21, run
+from test_safetensors import state as hf_state
 from test_torch_pt import masked
 
 ST_MERGE = BIN / "st-merge"
@@ -19,15 +20,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def st_merge(*args, check=True):
     return run([ST_MERGE, "-q", *args], check=check)
-
-
-def hf_state(path):
-    """Every tensor of an HF checkpoint directory, in index order (name -> tensor)."""
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    out = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        out.update(load_file(path / shard))
-    return out
 
 
 def dir_state(path):
@@ -75,6 +67,30 @@ def test_pt_is_torch_save_byte_for_byte_and_loads_in_torch21(tmp_path):
     assert describe(ours) == want
     assert describe(torch.load(out, weights_only=True, mmap=True)) == want
     assert load_in_torch21([str(out)])[str(out)] == want
+
+
+def test_tied_model_pt_holds_the_head_like_state_dict(tmp_path):
+    """The seed's torch.save(model.state_dict()) of a tied model has lm_head.weight sharing the
+    embedding's storage; the .pt has it too."""
+    from transformers import AutoModelForCausalLM
+
+    tied = FIXTURES / "models" / "gqa_7l_tied"
+    out = tmp_path / "tied.pt"
+    st_merge(tied, "-o", out)
+    ours = torch.load(out, weights_only=True)
+    sd = AutoModelForCausalLM.from_pretrained(str(tied), dtype=torch.bfloat16).state_dict()
+    assert "lm_head.weight" in ours and describe(ours) == describe({k: sd[k] for k in ours})
+    assert sorted(ours) == sorted(sd)
+    assert ours["lm_head.weight"].data_ptr() == ours["model.embed_tokens.weight"].data_ptr()
+    ref = tmp_path / "ref" / "tied.pt"
+    ref.parent.mkdir()
+    state = {k: v.clone() for k, v in ours.items() if k != "lm_head.weight"}
+    ordered = {}
+    for k in ours:
+        ordered[k] = state["model.embed_tokens.weight"].detach() if k == "lm_head.weight" else state[k]
+    torch.save(ordered, ref)
+    assert masked(out) == masked(ref)
+    assert load_in_torch21([str(out)])[str(out)] == describe(ours)
 
 
 def test_resharded_dir_loads_in_transformers(tmp_path):

@@ -117,8 +117,19 @@ pub fn total_parameters<T: TensorSource>(tensors: &[T]) -> u64 {
         .sum()
 }
 
-/// How `tensors` (in state-dict order) split into Hugging Face shards of at most
-/// `max_shard_size` bytes: the members of each shard, and its file name.
+/// How tensors `(name, bytes)` in state-dict order split into Hugging Face shards of at most
+/// `max_shard_size` bytes: each shard's file name and members (indices into `sizes`).
+pub fn named_shards(sizes: &[(String, u64)], max_shard_size: u64) -> Vec<(String, Vec<usize>)> {
+    let groups = plan_shards(sizes, max_shard_size);
+    let count = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| (shard_file_name(i, count), g))
+        .collect()
+}
+
+/// [`named_shards`] of tensor sources.
 pub fn shard_plan<T: TensorSource>(
     tensors: &[T],
     max_shard_size: u64,
@@ -127,13 +138,7 @@ pub fn shard_plan<T: TensorSource>(
         .iter()
         .map(|t| (t.name().to_string(), t.bytes()))
         .collect();
-    let groups = plan_shards(&sizes, max_shard_size);
-    let count = groups.len();
-    groups
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| (shard_file_name(i, count), g))
-        .collect()
+    named_shards(&sizes, max_shard_size)
 }
 
 /// Writes `tensors` (in state-dict order) as a Hugging Face checkpoint's weights into `dir`:

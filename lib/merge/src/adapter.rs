@@ -382,16 +382,9 @@ pub fn check_against_base(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::info as t;
     use serde_json::json;
     use tensor_formats::DType;
-
-    fn t(name: &str, dtype: DType, shape: &[usize]) -> TensorInfo {
-        TensorInfo {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-        }
-    }
 
     fn peft_tensors() -> Vec<TensorInfo> {
         vec![

@@ -236,6 +236,49 @@ fn side_file_dir(inputs: &[PathBuf]) -> Option<PathBuf> {
     })
 }
 
+/// Whether the inputs' `config.json` ties the output embedding to the input one.
+fn tied_embeddings(inputs: &[PathBuf]) -> bool {
+    let Some(dir) = side_file_dir(inputs) else {
+        return false;
+    };
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|c| {
+            c.get("tie_word_embeddings")
+                .and_then(serde_json::Value::as_bool)
+        })
+        .unwrap_or(false)
+}
+
+/// With tied embeddings, a Hugging Face checkpoint omits `lm_head.weight`, but the model's
+/// `state_dict()` (what the seed's `torch.save` wrote) holds it as a view of the embedding's
+/// storage: add it that way, after `model.norm.weight` as in the state dict.
+pub fn add_tied_head(entries: &mut Vec<PtEntry>) {
+    const HEAD: &str = "lm_head.weight";
+    if entries.iter().any(|e| e.name == HEAD) {
+        return;
+    }
+    let Some(embed) = entries
+        .iter()
+        .find(|e| e.name == "model.embed_tokens.weight")
+        .map(|e| e.storage)
+    else {
+        return;
+    };
+    let at = entries
+        .iter()
+        .position(|e| e.name == "model.norm.weight")
+        .map_or(entries.len(), |i| i + 1);
+    entries.insert(
+        at,
+        PtEntry {
+            name: HEAD.to_string(),
+            storage: embed,
+        },
+    );
+}
+
 /// Plans (and unless `dry_run`, writes) the output.
 pub fn run(opts: &MergeOptions) -> Result<Outcome, ToolError> {
     if opts.inputs.is_empty() {
@@ -345,7 +388,11 @@ pub fn run(opts: &MergeOptions) -> Result<Outcome, ToolError> {
                 .with_extra("tensors", jobs.len())]
         }
         OutputKind::Pt => {
-            let w = write_pt_file(&opts.output, &jobs, &PtEntry::one_each(&jobs), &progress)
+            let mut entries = PtEntry::one_each(&jobs);
+            if tied_embeddings(&opts.inputs) {
+                add_tied_head(&mut entries);
+            }
+            let w = write_pt_file(&opts.output, &jobs, &entries, &progress)
                 .map_err(ToolError::classify)?;
             vec![w
                 .record(&file_name, "torch")

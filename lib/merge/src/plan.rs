@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use tensor_formats::safetensors::{plan_shards, shard_file_name};
 use tensor_formats::DType;
 
 use crate::adapter::{AdapterPlan, LoraOp};
@@ -270,13 +269,7 @@ pub fn shards(tensors: &[Planned], max_shard_size: u64) -> Vec<(String, Vec<usiz
         .iter()
         .map(|t| (t.name.clone(), t.bytes()))
         .collect();
-    let groups = plan_shards(&sizes, max_shard_size);
-    let n = groups.len();
-    groups
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| (shard_file_name(i, n), g))
-        .collect()
+    checkpoint_write::named_shards(&sizes, max_shard_size)
 }
 
 /// How many LoRA merges and replacements the plan does, and which adapter targets it leaves
@@ -304,15 +297,8 @@ pub fn adapter_coverage(tensors: &[Planned], adapter: &AdapterPlan) -> (usize, u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::info as t;
     use proptest::prelude::*;
-
-    fn t(name: &str, dtype: DType, shape: &[usize]) -> TensorInfo {
-        TensorInfo {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-        }
-    }
 
     fn names() -> Vec<String> {
         vec!["a".into(), "b".into()]

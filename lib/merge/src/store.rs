@@ -19,6 +19,16 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
 }
 
+/// A [`TensorInfo`] from its parts (for tests).
+#[cfg(test)]
+pub(crate) fn info(name: &str, dtype: DType, shape: &[usize]) -> TensorInfo {
+    TensorInfo {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+    }
+}
+
 /// One opened input.
 pub enum Store {
     /// safetensors: one file or an index-sharded checkpoint.
