@@ -252,6 +252,27 @@ def test_dora_merge_matches_fp32_and_peft(tmp_path):
     torch.testing.assert_close(logits(out32), peft_logits(adapter), rtol=1e-4, atol=1e-4)
 
 
+def test_embedding_lora_merge_matches_peft(tmp_path):
+    """LoRA on the embedding (lora_embedding_A/B, delta = (B @ A)^T) next to a linear target."""
+    adapter = tmp_path / "emb"
+    make_peft_adapter(adapter, r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
+    names = load_file(adapter / "adapter_model.safetensors").keys()
+    assert any(n.endswith("embed_tokens.lora_embedding_A") for n in names)
+    out32 = tmp_path / "merged32.safetensors"
+    st_merge(MODEL, "--lora", adapter, "-o", out32, "--dtype", "fp32", "--manifest", "-")
+    got, state = load_file(out32), hf_state(MODEL)
+    ad = load_file(adapter / "adapter_model.safetensors")
+    a = ad["base_model.model.model.embed_tokens.lora_embedding_A"].float()
+    b = ad["base_model.model.model.embed_tokens.lora_embedding_B"].float()
+    want = state["model.embed_tokens.weight"].float() + (b @ a).T
+    torch.testing.assert_close(got["model.embed_tokens.weight"], want, rtol=0, atol=1e-6)
+    d = tmp_path / "merged32"
+    d.mkdir()
+    shutil.copy(MODEL / "config.json", d)
+    shutil.move(out32, d / "model.safetensors")
+    torch.testing.assert_close(logits(d), peft_logits(adapter), rtol=1e-4, atol=1e-4)
+
+
 def test_deepspeed_lora_checkpoint(tmp_path):
     """A DeepSpeed LoRA checkpoint as the Snowflake ds-llama LoRA layers save it: the frozen
     base weight next to lora_weight_1 (A, [r, in]) and lora_weight_2 (B, [out, r]) under
