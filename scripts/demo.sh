@@ -80,6 +80,10 @@ run "$PY" "$ROOT/scripts/compare_checkpoints.py" "$MODEL" "$WORK/roundtrip"
 say "5. the NxD training job for these shards and this dataset (sbatch script; submit it on a Trainium cluster)"
 run bash "$ROOT/scripts/write-pretrain-sbatch.sh" --model-dir "$MODEL" --shards "$SHARDS" --data "$DATA" \
   --out "$WORK/pretrain.sbatch" --tp 4 --pp 4 --kv-multiplier 2 --seq-len 1024 --nodes 1 --force
+if command -v sbatch >/dev/null && timeout 10 sinfo >/dev/null 2>&1; then
+  # Slurm is up here (make slurm): let it check the script against this cluster without running it.
+  run timeout 30 sbatch --test-only "$WORK/pretrain.sbatch"
+fi
 
 cat <<EOF
 
