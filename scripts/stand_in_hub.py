@@ -286,6 +286,12 @@ class Handler(BaseHTTPRequestHandler):
                 return self.cdn(path, query)
             if self.auth_class() == "invalid":
                 return self.error(401, None, "Invalid credentials in Authorization header")
+            if path == "/api/whoami-v2":
+                if self.auth_class() == "none":
+                    return self.error(401, None, "Invalid credentials in Authorization header")
+                return self.simple(200, {"type": "user", "name": "stand-in-user", "auth": {"type": "access_token"}})
+            if path == "/api/agent-harnesses":
+                return self.simple(200, [])
             m = re.match(r"^/api/(models|datasets|spaces)/(.+)$", path)
             if m:
                 return self.api(m.group(1), m.group(2), query)

@@ -68,7 +68,7 @@ class Hub:
     def __init__(self, repos, tmp):
         port_file = tmp / "port"
         cmd = [sys.executable, STAND_IN, "--page-size", "3", "--token", TOKEN, "--token-no-access", NO_ACCESS,
-               "--gated", "org/gated", "--private", "org/private", "--port", "0", "--port-file", port_file]
+               "--gated", "org/gated", "--private", "org/private", "--rename", "org/old-name=org/weird", "--port", "0", "--port-file", port_file]
         for rid, d in repos.items():
             cmd += ["--repo", f"{rid}={d}"]
         self.proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -351,6 +351,7 @@ FAULTS = {
     "429": dict(fail=[{"status": 429, "count": 2, "scope": "any", "retry_after": 1}]),
     "stall": dict(stall=[{"after": 200_000, "seconds": 6, "count": 1, "scope": "cdn"}]),
     "ignore_range": dict(ignore_range=True),
+    "cdn_url_expired": dict(fail=[{"status": 403, "count": 2, "scope": "cdn"}]),
     "bandwidth": dict(bandwidth=4 << 20),
 }
 
@@ -371,6 +372,9 @@ def test_faults_are_survived(hub, repos, tmp_path, name):
         assert sum(e["note"] == "drop" for e in log) == 3
     if name == "stall":
         assert elapsed < 6, "a stalled connection must be dropped after the read timeout"
+    if name == "cdn_url_expired":
+        # Every file is resolved once, and again after each refused (expired) CDN URL.
+        assert sum(e["method"] == "HEAD" for e in log) == len(hub.repos["org/weird"]["files"]) + 2
     if name == "ignore_range":
         assert any(e["note"] == "range ignored" for e in log)
     stats = hub.stats()["faults"]
@@ -476,3 +480,52 @@ def test_bad_usage_exits_2(hub, tmp_path):
     assert p.returncode == 2 and "--chunk-size" in p.stderr
     h = fetch(hub, tmp_path, "--help").stdout
     assert "Exit status:" in h and "Examples:" in h and "--local-dir" in h
+
+
+def test_renamed_repo_is_followed_like_huggingface_hub(hub, repos, tmp_path):
+    out = tmp_path / "o"
+    fetch(hub, tmp_path, "org/old-name", "--local-dir", out)
+    same_tree(repos["org/weird"], out)
+    assert any(e["status"] == 307 for e in hub.log())
+    ref = tmp_path / "ref"
+    py(hub, tmp_path, f"""
+import json
+from huggingface_hub import snapshot_download
+print(json.dumps(snapshot_download("org/old-name", local_dir={str(ref)!r})))""")
+    assert files_under(ref) == files_under(out)
+
+
+def test_existing_file_without_metadata_is_hashed_not_downloaded(hub, repos, tmp_path):
+    out = tmp_path / "o"
+    fetch(hub, tmp_path, "org/weird", "--local-dir", out)
+    md = out / ".cache/huggingface/download/big.bin.metadata"
+    md.unlink()
+    (out / "tiny.bin").write_bytes(b"edited by hand")
+    hub.reset()
+    fetch(hub, tmp_path, "org/weird", "--local-dir", out)
+    fetched = {e.get("file") for e in hub.log() if e["method"] == "GET" and e.get("file")}
+    assert fetched == {"tiny.bin"}, fetched
+    assert md.exists()
+    same_tree(repos["org/weird"], out)
+
+
+def test_interrupt_exits_130_and_a_rerun_resumes(hub, repos, tmp_path):
+    out = tmp_path / "o"
+    hub.faults(bandwidth=3 << 20)
+    proc = subprocess.Popen([str(HF_FETCH), "org/big", "--local-dir", str(out), "--jobs", "4", "--quiet"],
+                            env=env_for(hub, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        logs = list((out / ".cache/huggingface/download").glob("*.resume")) if out.exists() else []
+        if logs and logs[0].read_text().count("\n") >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "interrupted" in err
+    assert not (out / "big.bin").exists()
+    hub.reset()
+    fetch(hub, tmp_path, "org/big", "--local-dir", out)
+    assert (out / "big.bin").read_bytes() == (repos["org/big"] / "big.bin").read_bytes()
+    assert hub.stats()["served"]["big.bin"] < BIG

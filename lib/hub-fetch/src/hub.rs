@@ -372,11 +372,35 @@ impl Hub {
         }
     }
 
+    /// A GET on the API that follows redirects within the Hub's origins (a renamed or
+    /// mis-cased repo answers a relative 307).
+    async fn get_api(&self, what: &str, mut url: Url) -> Result<Response, FetchError> {
+        for _hop in 0..10 {
+            let r = self.send(what, || self.request(Method::GET, &url)).await?;
+            if !r.status().is_redirection() {
+                return Ok(r);
+            }
+            let next = r
+                .headers()
+                .get(LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok());
+            match next {
+                Some(n) if origin(&n) == origin(&url) || self.is_hub_origin(&n) => url = n,
+                _ => return Ok(r),
+            }
+        }
+        Err(FetchError::Protocol {
+            what: what.to_string(),
+            detail: "more than 10 redirects".into(),
+        })
+    }
+
     /// `GET /api/{type}s/{repo}/revision/{rev}` -> the commit sha.
     pub async fn commit(&self, revision: &str) -> Result<String, FetchError> {
         let url = self.api_url(&format!("revision/{}", quote(revision, "")));
         let what = format!("resolving revision {revision:?} of {}", self.repo);
-        let r = self.send(&what, || self.request(Method::GET, &url)).await?;
+        let r = self.get_api(&what, url).await?;
         if !r.status().is_success() {
             return Err(self.error_from(r, &what, None, Some(revision)).await);
         }
@@ -397,7 +421,7 @@ impl Hub {
         let what = format!("listing the files of {} at {commit}", self.repo);
         let mut entries = Vec::new();
         for _page in 0..100_000 {
-            let r = self.send(&what, || self.request(Method::GET, &url)).await?;
+            let r = self.get_api(&what, url.clone()).await?;
             if !r.status().is_success() {
                 return Err(self.error_from(r, &what, None, Some(commit)).await);
             }

@@ -126,12 +126,16 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
         .enable_all()
         .build()
         .map_err(|e| FetchError::io("<tokio runtime>", e))?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         tokio::select! {
             r = online(opts, layout) => r,
             _ = tokio::signal::ctrl_c() => Err(FetchError::Interrupted),
         }
-    })
+    });
+    // After an interrupt or an error, hashers of unfinished files may still be waiting for
+    // bytes: do not wait for them (what is on disk is resumable as it is).
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
 }
 
 fn sha256_of(path: &Path) -> Result<String, FetchError> {
