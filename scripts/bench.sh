@@ -46,6 +46,13 @@ tmp="$(mktemp)"
   echo "Command: \`bash scripts/bench-tok-pack.sh 50 8192\` (50 MB of real English text, the real Llama 3 tokenizer)."
   echo
   bash "$root/scripts/bench-tok-pack.sh" 50 8192
+  echo
+  echo "## st-merge"
+  echo
+  echo "Command: \`bash scripts/bench-st-merge.sh\` (gqa_large, BENCH_GB=1.5 by default). Wall time includes a final"
+  echo "\`sync\`; peak RssAnon is heap only. The adapter is a PEFT LoRA (r 16, every linear layer) made by the script."
+  echo
+  bash "$root/scripts/bench-st-merge.sh"
 } > "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out" >&2

@@ -147,6 +147,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    suite_support::generate::handle_generate::<Args>();
     let a = Args::parse();
     run_tool("st-merge", || -> Result<(), ToolError> {
         let max_shard_size = a.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD_SIZE);
