@@ -169,16 +169,22 @@ fn first_io_error(error: &anyhow::Error) -> Option<&io::Error> {
 /// A closed standard output (`tool | head`) ends the process quietly, as it does for other Unix
 /// tools, instead of a panic in `println!`: the Rust runtime ignores SIGPIPE, so it is restored.
 pub fn run_tool(name: &str, f: impl FnOnce() -> Result<(), ToolError>) -> ExitCode {
-    // SAFETY: setting a signal's disposition to the default has no preconditions.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    restore_sigpipe();
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{}", error.report(name));
             ExitCode::from(exit_status(error.code))
         }
+    }
+}
+
+/// Lets a closed standard output end the process quietly (the Unix default, which the Rust
+/// runtime turns off).
+pub fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

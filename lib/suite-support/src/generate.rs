@@ -60,6 +60,7 @@ pub fn handle_generate<C: CommandFactory>() {
     if flag != "--generate" {
         return;
     }
+    crate::exit::restore_sigpipe();
     let stdout = io::stdout();
     let mut out = stdout.lock();
     match generate::<C>(kind, &mut out).and_then(|()| out.flush()) {
