@@ -74,8 +74,8 @@ t = time.perf_counter(); snapshot_download(sys.argv[1], local_dir=sys.argv[2]); 
   t0=$(date +%s.%N); sync; t1=$(date +%s.%N)
   t=$(echo "$t $t0 $t1" | awk '{printf "%.3f", $1 + $3 - $2}')
   local want got
-  want=$(find "$work/data/${repo#bench/}" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
-  got=$(find "$out" -path "$out/.cache" -prune -o -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
+  want=$(find "$work/data/${repo#bench/}" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f", s}')
+  got=$(find "$out" -path "$out/.cache" -prune -o -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f", s}')
   [ "$want" = "$got" ] || { echo "bench-hf-fetch: $who on $repo wrote $got bytes, expected $want" >&2; exit 1; }
   rm -rf "$out"
   echo "$t"
@@ -88,7 +88,7 @@ for case in one many capped; do
   else
     control faults '{"bandwidth": 0}'
   fi
-  bytes=$(find "$work/data/$case" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
+  bytes=$(find "$work/data/$case" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f", s}')
   for who in hf-fetch hub24 hub036 hub036-hf_transfer; do
     times=()
     for _ in $(seq "$repeat"); do times+=("$(run_one "$who" "bench/$case")"); done
@@ -101,7 +101,7 @@ done
 import statistics, sys
 cap, repeat = sys.argv[1], int(sys.argv[2])
 rows = [r.split("|") for r in sys.argv[3:]]
-names = {"hf-fetch": "hf-fetch (16 connections, 32 MiB ranges)", "hub24": "huggingface_hub 2.4 (httpx)",
+names = {"hf-fetch": "hf-fetch (16 connections, 16 MiB ranges)", "hub24": "huggingface_hub 2.4 (httpx)",
          "hub036": "huggingface_hub 0.36 (requests)", "hub036-hf_transfer": "huggingface_hub 0.36 + hf_transfer 0.1.9"}
 def label(case, nbytes):
     gb = nbytes / 1e9

@@ -40,7 +40,7 @@ use crate::paths::{check_repo_id, check_repo_path, is_commit, PathFilter};
 use crate::plan::{select_files, Digest, RemoteFile};
 
 /// Default size of the byte ranges a large file is cut into.
-pub const DEFAULT_CHUNK: u64 = 32 << 20;
+pub const DEFAULT_CHUNK: u64 = 16 << 20;
 /// Default number of connections.
 pub const DEFAULT_CONNECTIONS: usize = 16;
 

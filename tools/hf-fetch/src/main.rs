@@ -92,8 +92,9 @@ struct Args {
     #[arg(long, short = 'j', default_value_t = hub_fetch::DEFAULT_CONNECTIONS, value_name = "N")]
     jobs: usize,
 
-    /// Size of the byte ranges large files are cut into.
-    #[arg(long, default_value = "32MiB", value_name = "SIZE")]
+    /// Largest byte range fetched over one connection; a file is also cut into at least 16
+    /// ranges (whole MiB), so even a mid-sized file spreads over many connections.
+    #[arg(long, default_value = "16MiB", value_name = "SIZE")]
     chunk_size: String,
 
     /// Manifest file, or - for stdout [default: see below].
