@@ -387,11 +387,13 @@ pub fn merge_manifests(output: &Path) -> Result<usize, ToolError> {
     }
     let worlds: std::collections::BTreeSet<usize> = ranks.keys().map(|&(w, _)| w).collect();
     let world = match worlds.iter().collect::<Vec<_>>().as_slice() {
-        [] => return Err(usage(anyhow!(
+        [] => {
+            return Err(usage(anyhow!(
             "{} holds no per-rank manifests (nx-shard.manifest.rank-R-of-W.jsonl): run nx-shard \
                  with --rank/--world (or under Slurm) first",
             output.display()
-        ))),
+        )))
+        }
         [w] => **w,
         _ => {
             return Err(usage(anyhow!(
