@@ -20,6 +20,8 @@ clears faults and statistics.
   lie_size:  {"path": delta}  the listing and /resolve report size+delta
   lie_sha:   ["path"]          the listing and /resolve report another content hash
   evil_paths: ["../x"]         extra tree entries with these (unsafe) names
+  mirror_cdn, resolve_cache, xet: true|false   Hub variants: LFS redirects to /cdn/ on the Hub origin;
+                               regular files via a relative 307 to /api/resolve-cache/...; Xet headers (no CAS)
 """
 import argparse
 import base64
@@ -117,7 +119,7 @@ class State:
         self.tokens = set(args.token or [])
         self.no_access_tokens = set(args.token_no_access or [])
         self.page_size = args.page_size
-        self.mirror_cdn = args.mirror_cdn
+        self.mirror_cdn_default = args.mirror_cdn
         self.cdn_lifetime = args.cdn_lifetime
         self.cdn_rejects_auth = not args.cdn_allows_auth
         self.hub_port = self.cdn_port = 0
@@ -127,7 +129,8 @@ class State:
     def reset(self):
         with self.lock:
             self.faults = {"fail": [], "drop": [], "stall": [], "bandwidth": 0, "ignore_range": False,
-                           "lie_size": {}, "lie_sha": [], "evil_paths": []}
+                           "lie_size": {}, "lie_sha": [], "evil_paths": [],
+                           "mirror_cdn": self.mirror_cdn_default, "resolve_cache": False, "xet": False}
             self.log = []
             self.served = {}
 
@@ -136,7 +139,8 @@ class State:
             for k in ("fail", "drop", "stall"):
                 if k in d:
                     self.faults[k] = [dict(x) for x in d[k]]
-            for k in ("bandwidth", "ignore_range", "lie_size", "lie_sha", "evil_paths"):
+            for k in ("bandwidth", "ignore_range", "lie_size", "lie_sha", "evil_paths", "mirror_cdn", "resolve_cache",
+                      "xet"):
                 if k in d:
                     self.faults[k] = d[k]
 
@@ -292,6 +296,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self.simple(200, {"type": "user", "name": "stand-in-user", "auth": {"type": "access_token"}})
             if path == "/api/agent-harnesses":
                 return self.simple(200, [])
+            m = re.match(r"^/api/resolve-cache/(models|datasets|spaces)/([^/]+(?:/[^/]+)?)/([0-9a-f]{40})/(.+)$", path)
+            if m:
+                return self.resolve(m.group(1)[:-1], m.group(2), m.group(3), m.group(4), cached=True)
             m = re.match(r"^/api/(models|datasets|spaces)/(.+)$", path)
             if m:
                 return self.api(m.group(1), m.group(2), query)
@@ -369,6 +376,8 @@ class Handler(BaseHTTPRequestHandler):
         d = {"type": "file", "oid": e["oid"], "size": size, "path": e["path"]}
         if e["lfs"]:
             d["lfs"] = {"oid": sha, "size": size, "pointerSize": 134}
+            if self.st.faults["xet"]:
+                d["xetHash"] = hashlib.sha256(e["sha256"].encode()).hexdigest()
         return d
 
     def api(self, plural, rest, query):
@@ -448,7 +457,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.simple(200, page, headers)
 
     # ---------- resolve ----------
-    def resolve(self, kind, rid, rev, fpath):
+    def resolve(self, kind, rid, rev, fpath, cached=False):
         repo, err = self.find_repo(kind, rid)
         if err:
             return
@@ -460,7 +469,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(404, "EntryNotFound", "Entry not found", [("X-Repo-Commit", repo.commit)])
         size, sha = self.advertised(e)
         if e["lfs"]:
-            if self.st.mirror_cdn:
+            xet = []
+            if self.st.faults["xet"]:
+                xh = hashlib.sha256(e["sha256"].encode()).hexdigest()
+                xet = [("X-Xet-Hash", xh),
+                       ("Link", f'<http://127.0.0.1:{self.st.hub_port}/api/{kind}s/{rid}/xet-read-token/{repo.commit}>; '
+                                f'rel="xet-auth", <http://127.0.0.1:{self.st.hub_port}/cas/v1/reconstructions/{xh}>; '
+                                f'rel="xet-reconstruction-info"')]
+            if self.st.faults["mirror_cdn"]:
                 loc = f"/cdn/{repo.commit}/{sha}?name={urllib.parse.quote(fpath)}&k={e['sha256']}"
             else:
                 expires = int(time.time()) + self.st.cdn_lifetime
@@ -473,8 +489,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.simple(302, body, [("Location", loc), ("X-Repo-Commit", repo.commit),
                                            ("X-Linked-Etag", f'"{sha}"'), ("X-Linked-Size", str(size)),
                                            ("ETag", f'W/"{hashlib.md5(body.encode()).hexdigest()}"'),
-                                           ("Accept-Ranges", "bytes")])
+                                           ("Accept-Ranges", "bytes")] + xet)
         etag = f'"{e["blob"]}"'
+        if self.st.faults["resolve_cache"] and not cached:
+            plural = kind + "s"
+            orig = urllib.parse.quote(f"/{rid}/resolve/{rev}/{fpath}", safe="")
+            loc = (f"/api/resolve-cache/{plural}/{rid}/{repo.commit}/{urllib.parse.quote(fpath)}"
+                   f"?{orig}=&etag={urllib.parse.quote(etag)}")
+            return self.simple(307, f"Temporary Redirect. Redirecting to {loc}", [("Location", loc)])
         if self.headers.get("If-None-Match") == etag:
             return self.simple(304, b"", [("ETag", etag), ("X-Repo-Commit", repo.commit)])
         headers = [("X-Repo-Commit", repo.commit), ("ETag", etag),
