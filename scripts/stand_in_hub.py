@@ -20,8 +20,9 @@ clears faults and statistics.
   lie_size:  {"path": delta}  the listing and /resolve report size+delta
   lie_sha:   ["path"]          the listing and /resolve report another content hash
   evil_paths: ["../x"]         extra tree entries with these (unsafe) names
-  mirror_cdn, resolve_cache, xet: true|false   Hub variants: LFS redirects to /cdn/ on the Hub origin;
-                               regular files via a relative 307 to /api/resolve-cache/...; Xet headers (no CAS)
+  mirror_cdn, resolve_cache, xet, gzip: true|false   Hub variants: LFS redirects to /cdn/ on the Hub origin;
+                               regular files via a relative 307 to /api/resolve-cache/...; Xet headers (no CAS);
+                               regular files gzip+chunked to clients that accept gzip
 """
 import argparse
 import base64
@@ -130,7 +131,8 @@ class State:
         with self.lock:
             self.faults = {"fail": [], "drop": [], "stall": [], "bandwidth": 0, "ignore_range": False,
                            "lie_size": {}, "lie_sha": [], "evil_paths": [],
-                           "mirror_cdn": self.mirror_cdn_default, "resolve_cache": False, "xet": False}
+                           "mirror_cdn": self.mirror_cdn_default, "resolve_cache": False, "xet": False,
+                           "gzip": False}
             self.log = []
             self.served = {}
 
@@ -140,7 +142,7 @@ class State:
                 if k in d:
                     self.faults[k] = [dict(x) for x in d[k]]
             for k in ("bandwidth", "ignore_range", "lie_size", "lie_sha", "evil_paths", "mirror_cdn", "resolve_cache",
-                      "xet"):
+                      "xet", "gzip"):
                 if k in d:
                     self.faults[k] = d[k]
 
@@ -501,7 +503,30 @@ class Handler(BaseHTTPRequestHandler):
             return self.simple(304, b"", [("ETag", etag), ("X-Repo-Commit", repo.commit)])
         headers = [("X-Repo-Commit", repo.commit), ("ETag", etag),
                    ("Content-Disposition", f"inline; filename*=UTF-8''{urllib.parse.quote(fpath.split('/')[-1])}")]
+        if (self.st.faults["gzip"] and self.command == "GET" and not self.headers.get("Range")
+                and "gzip" in (self.headers.get("Accept-Encoding") or "")):
+            return self.send_gzip(e, headers)
         return self.send_file(e, headers, advertised_size=size)
+
+    def send_gzip(self, e, headers):
+        """A small text file gzip-compressed with chunked encoding, as the Hub sends it to clients that accept it."""
+        import gzip
+        with open(e["full"], "rb") as f:
+            body = gzip.compress(f.read())
+        self.send_response(200)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.hub_headers()
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(0, len(body), 4096):
+            part = body[i:i + 4096]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        self.wfile.write(b"0\r\n\r\n")
+        self._entry.update(status=200, file=e["path"], bytes=len(body), note="gzip")
+        self.finish_entry()
 
     def cdn(self, path, query):
         if self.st.cdn_rejects_auth and self.headers.get("Authorization") and not path.startswith("/cdn/"):

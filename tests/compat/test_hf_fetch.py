@@ -531,7 +531,7 @@ def test_interrupt_exits_130_and_a_rerun_resumes(hub, repos, tmp_path):
     assert hub.stats()["served"]["big.bin"] < BIG
 
 
-@pytest.mark.parametrize("variant", ["mirror_cdn", "resolve_cache", "xet"])
+@pytest.mark.parametrize("variant", ["mirror_cdn", "resolve_cache", "xet", "gzip"])
 def test_hub_variants_work_for_both_clients(hub, repos, tmp_path, variant):
     hub.faults(**{variant: True})
     ref = tmp_path / "ref"
@@ -545,6 +545,8 @@ print(json.dumps(snapshot_download("org/weird", local_dir={str(ref)!r})))""")
         assert any(e["path"].startswith("/api/resolve-cache/") for e in log)
     if variant == "mirror_cdn":
         assert any(e["path"].startswith("/cdn/") for e in log) and not any(e["origin"] == "cdn" for e in log)
+    if variant == "gzip":
+        assert any(e["note"] == "gzip" for e in log)
     hub.reset()
     hub.faults(**{variant: True})
     out = tmp_path / "o"
@@ -555,6 +557,8 @@ print(json.dumps(snapshot_download("org/weird", local_dir={str(ref)!r})))""")
         assert any(e["path"].startswith("/api/resolve-cache/") and e["method"] == "GET" for e in log)
     if variant == "mirror_cdn":
         assert any(e["path"].startswith("/cdn/") for e in log)
+    if variant == "gzip":
+        assert all(e["ae"] == "identity" for e in log if e["scope"] in ("resolve", "cdn"))
 
 
 def test_huggingface_hub_036_and_hf_transfer_against_stand_in(hub, repos, tmp_path):
@@ -575,3 +579,16 @@ print(json.dumps(out))""", python=py036)
     # hf_transfer's size probe and its off-by-one last range, which the server clamps.
     assert "bytes=0-0" in ranges and f"bytes={20 << 20}-{BIG}" in ranges, ranges
     assert all(e["auth"] == "none" for e in hub.log() if e["origin"] == "cdn")
+
+
+def test_offline_local_dir_reports_what_is_there_without_network(hub, repos, tmp_path):
+    out = tmp_path / "o"
+    fetch(hub, tmp_path, "org/weird", "--local-dir", out)
+    hub.reset()
+    p = fetch(hub, tmp_path, "org/weird", "--local-dir", out, "--manifest", "-",
+              env=env_for(hub, tmp_path, HF_HUB_OFFLINE=1))
+    assert hub.log() == []
+    assert sorted(json.loads(l)["path"] for l in p.stdout.splitlines()) == files_under(repos["org/weird"])
+    p = fetch(hub, tmp_path, "org/weird", "--local-dir", tmp_path / "empty", check=False,
+              env=env_for(hub, tmp_path, HF_HUB_OFFLINE=1))
+    assert p.returncode == 2 and "HF_HUB_OFFLINE" in p.stderr and "hint:" in p.stderr
