@@ -592,3 +592,18 @@ def test_offline_local_dir_reports_what_is_there_without_network(hub, repos, tmp
     p = fetch(hub, tmp_path, "org/weird", "--local-dir", tmp_path / "empty", check=False,
               env=env_for(hub, tmp_path, HF_HUB_OFFLINE=1))
     assert p.returncode == 2 and "HF_HUB_OFFLINE" in p.stderr and "hint:" in p.stderr
+
+
+def test_full_disk_is_exit_3_with_the_fix_and_nothing_under_a_final_name(hub, repos, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "tmpfs", str(small)], check=True)
+    try:
+        p = fetch(hub, tmp_path, "org/weird", "--local-dir", small / "out", check=False)
+        assert p.returncode == 3, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "No space left" in lines[0] and "free space" in lines[0], p.stderr
+        for name in files_under(small / "out"):
+            assert (small / "out" / name).read_bytes() == (repos["org/weird"] / name).read_bytes(), name
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
