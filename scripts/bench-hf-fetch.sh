@@ -4,7 +4,8 @@
 # huggingface_hub 0.36 without and with hf_transfer (.venv/hub036, from scripts/setup-python.sh).
 # Cases: one 1 GiB file; 30 x 100 MB; one 1 GiB file with every connection capped (BENCH_CAP_MBS, default 40
 # MB/s per connection, the realistic CDN case). Prints a Markdown section on stdout.
-# Scale down for a quick run: BENCH_ONE_MB=256 BENCH_N=8 BENCH_MB=50 BENCH_CAP_ONE_MB=256.
+# Scale down for a quick run: BENCH_ONE_MB=256 BENCH_N=8 BENCH_MB=50 BENCH_CAP_ONE_MB=256; BENCH_REPEAT=3 for medians;
+# BENCH_KEEP=1 keeps the generated data (about 5 GB) for the next run.
 # Python clients are timed inside the call (interpreter start-up excluded), hf-fetch as a whole process; every
 # time includes a final `sync` (hf-fetch fsyncs each file before giving it its final name, the Python clients
 # do not), so all contenders pay for getting the bytes to disk alike. MB = 10^6 bytes.
@@ -120,3 +121,6 @@ for case, who, nbytes, times in rows:
     speed = best[(case, "hf-fetch")]
     print(f"| {label(case, int(nbytes))} | {names[who]} | {t:.2f} | {mbs:.0f} | {t / speed:.1f}x |")
 PY
+kill "$hub_pid" 2>/dev/null || true
+# The generated data (about 5 GB) is kept only on request, to rerun quickly.
+[ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$work"
