@@ -53,6 +53,14 @@ tmp="$(mktemp)"
   echo "\`sync\`; peak RssAnon is heap only. The adapter is a PEFT LoRA (r 16, every linear layer) made by the script."
   echo
   bash "$root/scripts/bench-st-merge.sh"
+  echo
+  echo "## hf-fetch"
+  echo
+  echo "Command: \`BENCH_REPEAT=3 bash scripts/bench-hf-fetch.sh\`. The stand-in Hub (scripts/stand_in_hub.py) on loopback;"
+  echo "huggingface_hub 2.4 (.venv/current) and 0.36 with and without hf_transfer (.venv/hub036). Times include a final"
+  echo "\`sync\`; Python clients are timed inside the call. hf-fetch also verifies every byte (sha256 / git sha1)."
+  echo
+  BENCH_REPEAT=3 bash "$root/scripts/bench-hf-fetch.sh"
 } > "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out" >&2

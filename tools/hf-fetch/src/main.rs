@@ -178,5 +178,6 @@ fn run(a: Args) -> Result<(), ToolError> {
 }
 
 fn main() -> ExitCode {
+    suite_support::generate::handle_generate::<Args>();
     run_tool("hf-fetch", || run(Args::parse()))
 }
