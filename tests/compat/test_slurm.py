@@ -390,13 +390,20 @@ def test_killed_task_requeued_resumes(tmp_path, big_reference):
         assert 2 <= done < 32, f"{done} files: the task was not killed mid-run ({rec})"
         assert_complete_files_only(out, big_reference)
         # Requeued: same job id, run again from the top of the script. Slurm delays a requeued job's start by
-        # about 2 minutes; StartTime=now lifts that.
-        run(["timeout", "20", "scontrol", "requeue", job], env=slurm_env())
-        run(["timeout", "20", "scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env())
-        rec = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 120, restarts="1")
+        # about 2 minutes; StartTime=now lifts that. Right after a kill, slurmd may still refuse to launch the job
+        # ("Job N already killed, do not launch batch job": the requeued run fails before the script starts, so
+        # no new line in the log); an operator requeues again, and so does the test, at most three times.
+        for attempt in range(1, 4):
+            time.sleep(2)
+            run(["timeout", "20", "scontrol", "requeue", job], env=slurm_env())
+            run(["timeout", "20", "scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env())
+            rec = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 120, restarts=str(attempt))
+            if rec["JobState"] == "COMPLETED" or f"restart={attempt}" in log.read_text():
+                break
+            wait_for(lambda: left_queue(job), 60, f"job {job} to finish completing")
         assert rec["JobState"] == "COMPLETED", (rec, log.read_text())
         text = log.read_text()
-        assert "restart=0" in text and "restart=1" in text, text
+        assert "restart=0" in text and f"restart={attempt}" in text, text
         assert kept_count(text) >= done, text
         assert_same_as_reference(out, big_reference)
     finally:
