@@ -26,7 +26,6 @@ pub mod report;
 pub mod structure;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
@@ -37,14 +36,12 @@ use nxd_layout::{
 use rayon::prelude::*;
 use serde_json::Value;
 use suite_support::exit::ToolError;
-use suite_support::manifest::{
-    read_manifest_path, write_manifest, write_manifest_file, ManifestRecord,
-};
+use suite_support::manifest::{read_manifest_path, ManifestRecord, ManifestTarget};
 use tensor_formats::DType;
 
 use crate::manifest_check::{hash_files, walk_files, Hashed};
 use crate::names::{locate, rel_of, Located, NameScan, DONE_MARKER};
-use crate::report::{Check, CheckResult, FileStatus, Mark, Mode, Problem, Report, Status};
+use crate::report::{Check, CheckResult, FileStatus, Mark, Mode, Problem, Report};
 use crate::structure::{OpenFailure, Opened};
 
 /// The manifest `kind` of shard files (as nx-shard writes it).
@@ -287,12 +284,7 @@ fn verify_shards(
         Some(records) => {
             let m = manifest_check::check(records, &loc.root, &present, &missing, opts.progress);
             unreadable |= m.unreadable;
-            let detail = format!(
-                "{} files against {} records, {} hashed",
-                m.files,
-                records.len(),
-                suite_support::size::format_size(m.bytes)
-            );
+            let detail = m.detail(records.len());
             problems.extend(m.problems);
             hashed = m.hashed;
             (detail, true)
@@ -372,72 +364,34 @@ fn verify_shards(
         )?;
     }
 
-    let count = |c: Check| problems.iter().filter(|x| x.check == c).count();
-    let status = |c: Check| {
-        if count(c) == 0 {
-            Status::Passed
-        } else {
-            Status::Failed
-        }
-    };
-    let with_count = |c: Check, detail: String| {
-        let n = count(c);
-        if n == 0 {
-            detail
-        } else {
-            format!("{n} problems; {detail}")
-        }
-    };
     let present_count = slots.iter().filter(|s| s.present).count();
-    let mut checks = vec![
-        CheckResult {
-            check: Check::Names,
-            status: status(Check::Names),
-            detail: with_count(
-                Check::Names,
-                format!(
-                    "{present_count} of {} files present{}",
-                    slots.len(),
-                    if opts.xser { " (xser)" } else { "" }
-                ),
+    let checks = vec![
+        CheckResult::ran(
+            Check::Names,
+            &problems,
+            format!(
+                "{present_count} of {} files present{}",
+                slots.len(),
+                if opts.xser { " (xser)" } else { "" }
             ),
+        ),
+        CheckResult::ran(
+            Check::Structure,
+            &problems,
+            format!(
+                "{opened_count} files parsed header-only, {tensors_checked} tensors against \
+                 the layout"
+            ),
+        ),
+        match manifest_result {
+            (detail, true) => CheckResult::ran(Check::Manifest, &problems, detail),
+            (detail, false) => CheckResult::skipped(Check::Manifest, detail),
         },
-        CheckResult {
-            check: Check::Structure,
-            status: status(Check::Structure),
-            detail: with_count(
-                Check::Structure,
-                format!(
-                    "{opened_count} files parsed header-only, {tensors_checked} tensors against \
-                     the layout"
-                ),
-            ),
+        match cross_result {
+            Some(detail) => CheckResult::ran(Check::CrossRank, &problems, detail),
+            None => CheckResult::skipped(Check::CrossRank, "--fast"),
         },
     ];
-    checks.push(match manifest_result {
-        (detail, true) => CheckResult {
-            check: Check::Manifest,
-            status: status(Check::Manifest),
-            detail: with_count(Check::Manifest, detail),
-        },
-        (detail, false) => CheckResult {
-            check: Check::Manifest,
-            status: Status::Skipped,
-            detail,
-        },
-    });
-    checks.push(match cross_result {
-        Some(detail) => CheckResult {
-            check: Check::CrossRank,
-            status: status(Check::CrossRank),
-            detail: with_count(Check::CrossRank, detail),
-        },
-        None => CheckResult {
-            check: Check::CrossRank,
-            status: Status::Skipped,
-            detail: "--fast".into(),
-        },
-    });
     Ok(Report {
         dir: opts.dir.display().to_string(),
         mode: if loc.training {
@@ -502,12 +456,7 @@ fn verify_dataset(
     if let Some(records) = manifest {
         let m = manifest_check::check(records, &opts.dir, &[], &HashSet::new(), opts.progress);
         unreadable |= m.unreadable;
-        manifest_detail = Some(format!(
-            "{} files against {} records, {} hashed",
-            m.files,
-            records.len(),
-            suite_support::size::format_size(m.bytes)
-        ));
+        manifest_detail = Some(m.detail(records.len()));
         problems.extend(m.problems);
         hashed = m.hashed;
         for (name, rows) in d.data_files.iter().zip(&d.rows) {
@@ -535,35 +484,20 @@ fn verify_dataset(
         unreadable |= record_dir(opts, target, &opts.dir, &opts.dir, &mut hashed, &describe)?;
     }
 
-    let count = |c: Check| problems.iter().filter(|x| x.check == c).count();
-    let result = |c: Check, detail: String| {
-        let n = count(c);
-        CheckResult {
-            check: c,
-            status: if n == 0 {
-                Status::Passed
-            } else {
-                Status::Failed
-            },
-            detail: if n == 0 {
-                detail
-            } else {
-                format!("{n} problems; {detail}")
-            },
-        }
-    };
     let total_rows: u64 = d.rows.iter().sum();
-    let mut checks = vec![
-        result(
+    let checks = vec![
+        CheckResult::ran(
             Check::Names,
+            &problems,
             format!(
                 "{} of {} data files listed in state.json present",
                 d.present,
                 d.data_files.len()
             ),
         ),
-        result(
+        CheckResult::ran(
             Check::Structure,
+            &problems,
             format!(
                 "{total_rows} rows of {} tokens read, ids {} (vocabulary {})",
                 d.block.map_or("?".to_string(), |b| b.to_string()),
@@ -573,15 +507,11 @@ fn verify_dataset(
                     .to_string())
             ),
         ),
-    ];
-    checks.push(match manifest_detail {
-        Some(detail) => result(Check::Manifest, detail),
-        None => CheckResult {
-            check: Check::Manifest,
-            status: Status::Skipped,
-            detail: "no --manifest".into(),
+        match manifest_detail {
+            Some(detail) => CheckResult::ran(Check::Manifest, &problems, detail),
+            None => CheckResult::skipped(Check::Manifest, "no --manifest"),
         },
-    });
+    ];
     Ok(Report {
         dir: opts.dir.display().to_string(),
         mode: Mode::Dataset,
@@ -686,19 +616,10 @@ fn write_record(
             )))
         })
         .collect();
-    let ctx = || format!("writing the record {}", target.display());
-    if target.as_os_str() == "-" {
-        let stdout = std::io::stdout();
-        let mut lock = stdout.lock();
-        write_manifest(&mut lock, &records)
-            .with_context(ctx)
-            .map_err(ToolError::io)?;
-        lock.flush().with_context(ctx).map_err(ToolError::io)?;
-    } else {
-        write_manifest_file(target, &records)
-            .with_context(ctx)
-            .map_err(ToolError::io)?;
-    }
+    ManifestTarget::from_arg(Some(target.to_path_buf()))
+        .write(target, &records)
+        .with_context(|| format!("writing the record {}", target.display()))
+        .map_err(ToolError::io)?;
     Ok(unreadable)
 }
 
@@ -710,6 +631,7 @@ fn verify_manifest_only(
 ) -> Result<Report, ToolError> {
     let m = manifest_check::check(records, &opts.dir, &[], &HashSet::new(), opts.progress);
     let mut unreadable = m.unreadable;
+    let detail = m.detail(records.len());
     let mut hashed = m.hashed;
     let skip_record = opts
         .record
@@ -746,13 +668,6 @@ fn verify_manifest_only(
     if let Some(target) = &opts.record {
         unreadable |= write_record(target, &files, &mut hashed, &|r| r, opts.progress)?;
     }
-    let n = m.problems.len();
-    let detail = format!(
-        "{} files against {} records, {} hashed",
-        m.files,
-        records.len(),
-        suite_support::size::format_size(m.bytes)
-    );
     Ok(Report {
         dir: opts.dir.display().to_string(),
         mode: Mode::Manifest,
@@ -761,19 +676,7 @@ fn verify_manifest_only(
         pp: 0,
         dtype: None,
         files: Vec::new(),
-        checks: vec![CheckResult {
-            check: Check::Manifest,
-            status: if n == 0 {
-                Status::Passed
-            } else {
-                Status::Failed
-            },
-            detail: if n == 0 {
-                detail
-            } else {
-                format!("{n} problems; {detail}")
-            },
-        }],
+        checks: vec![CheckResult::ran(Check::Manifest, &m.problems, detail)],
         problems: m.problems,
         warnings,
         unreadable,

@@ -72,6 +72,17 @@ pub struct ManifestOutcome {
     pub bytes: u64,
 }
 
+impl ManifestOutcome {
+    /// What the check covered, for the report: files compared, records, bytes hashed.
+    pub fn detail(&self, records: usize) -> String {
+        format!(
+            "{} files against {records} records, {} hashed",
+            self.files,
+            suite_support::size::format_size(self.bytes)
+        )
+    }
+}
+
 /// Compares the files under `base` with `records`. `must_list`: files present that the
 /// manifest must describe; `known_missing`: files already reported missing (not repeated).
 pub fn check(

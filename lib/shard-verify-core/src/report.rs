@@ -146,6 +146,36 @@ pub struct CheckResult {
     pub detail: String,
 }
 
+impl CheckResult {
+    /// A check that ran: passed if `problems` holds none of its kind, else failed, with their
+    /// count before `detail`.
+    pub fn ran(check: Check, problems: &[Problem], detail: String) -> CheckResult {
+        let n = problems.iter().filter(|p| p.check == check).count();
+        if n == 0 {
+            CheckResult {
+                check,
+                status: Status::Passed,
+                detail,
+            }
+        } else {
+            CheckResult {
+                check,
+                status: Status::Failed,
+                detail: format!("{n} problems; {detail}"),
+            }
+        }
+    }
+
+    /// A check that did not run, and why.
+    pub fn skipped(check: Check, why: impl Into<String>) -> CheckResult {
+        CheckResult {
+            check,
+            status: Status::Skipped,
+            detail: why.into(),
+        }
+    }
+}
+
 /// One expected shard file and its mark.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileStatus {
