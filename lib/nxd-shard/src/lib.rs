@@ -445,12 +445,10 @@ pub fn merge_manifests(output: &Path) -> Result<usize, ToolError> {
             )));
         }
     }
-    write_manifest_to(
-        &ManifestTarget::Default,
-        output,
-        WorkSlice::new(0, 1).map_err(usage)?,
-        &records,
-    )?;
+    let joined = output.join(MANIFEST_FILE_NAME);
+    suite_support::manifest::write_manifest_file(&joined, &records)
+        .with_context(|| format!("writing {}", joined.display()))
+        .map_err(ToolError::io)?;
     Ok(records.len())
 }
 
