@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, LOCATION, RANGE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode};
 use sha1::Sha1;
 use sha2::{Digest as _, Sha256};
@@ -20,7 +20,7 @@ use suite_support::progress::Progress;
 use tokio::sync::mpsc;
 
 use crate::error::FetchError;
-use crate::hub::{describe, retryable, Hub, Resolved};
+use crate::hub::{describe, redirect_target, retryable, Hub, Resolved};
 use crate::layout::{Layout, RESUME_SUFFIX};
 use crate::plan::{
     chunk_ranges, effective_chunk, parse_resume, resume_header, resume_record, Digest, RemoteFile,
@@ -486,12 +486,7 @@ async fn fetch_unit(ctx: &Ctx, unit: &Unit) -> Result<(), FetchError> {
                 .await;
             match r {
                 Ok(r) if r.status().is_redirection() && hops < 10 => {
-                    let next = r
-                        .headers()
-                        .get(LOCATION)
-                        .and_then(|l| l.to_str().ok())
-                        .and_then(|l| url.join(l).ok());
-                    match next {
+                    match redirect_target(&r, &url) {
                         Some(n) => {
                             url = n;
                             hops += 1;

@@ -154,6 +154,13 @@ fn origin(u: &Url) -> String {
     u.origin().ascii_serialization()
 }
 
+/// Where a redirect `response` to a request for `url` points (its `Location`, resolved against
+/// `url`), if it says so readably.
+pub fn redirect_target(response: &Response, url: &Url) -> Option<Url> {
+    let location = response.headers().get(LOCATION)?.to_str().ok()?;
+    url.join(location).ok()
+}
+
 impl Hub {
     /// A client for `repo` at `endpoint`. `read_timeout` bounds the silence on a body;
     /// `meta_timeout` whole metadata requests.
@@ -380,12 +387,7 @@ impl Hub {
             if !r.status().is_redirection() {
                 return Ok(r);
             }
-            let next = r
-                .headers()
-                .get(LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| url.join(l).ok());
-            match next {
+            match redirect_target(&r, &url) {
                 Some(n) if origin(&n) == origin(&url) || self.is_hub_origin(&n) => url = n,
                 _ => return Ok(r),
             }
