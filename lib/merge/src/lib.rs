@@ -29,7 +29,7 @@ use checkpoint_write::{
 use suite_support::atomic::AtomicDir;
 use suite_support::exit::ToolError;
 pub use suite_support::manifest::ManifestTarget;
-use suite_support::manifest::{write_manifest, ManifestRecord};
+use suite_support::manifest::{write_manifest_file, ManifestRecord};
 use suite_support::progress::Progress;
 use tensor_formats::DType;
 
@@ -455,15 +455,9 @@ fn write_dir(
         ),
     }
     if opts.manifest == ManifestTarget::Default {
-        let mut text = Vec::new();
-        write_manifest(&mut text, &records)
+        write_manifest_file(dir.path().join(MANIFEST_FILE_NAME), &records)
             .context("writing the manifest")
             .map_err(ToolError::io)?;
-        checkpoint_write::write_atomic(&dir.path().join(MANIFEST_FILE_NAME), |mut h| {
-            std::io::Write::write_all(&mut h, &text)?;
-            Ok(h)
-        })
-        .map_err(ToolError::io)?;
     }
     if opts.force && opts.output.exists() {
         let old = &opts.output;

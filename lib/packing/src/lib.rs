@@ -23,7 +23,7 @@ use anyhow::{anyhow, Context, Result};
 use sha2::{Digest, Sha256};
 use suite_support::atomic::AtomicDir;
 use suite_support::exit::ToolError;
-use suite_support::manifest::{write_manifest, write_manifest_file, ManifestRecord};
+use suite_support::manifest::{write_manifest_file, write_manifest_stdout, ManifestRecord};
 use suite_support::progress::Progress;
 use suite_support::worksplit::WorkSlice;
 
@@ -790,16 +790,9 @@ fn output_taken(path: &Path) -> bool {
 fn write_manifest_to(target: &ManifestTarget, records: &[ManifestRecord]) -> Result<(), ToolError> {
     match target {
         ManifestTarget::None => Ok(()),
-        ManifestTarget::Stdout => {
-            let stdout = std::io::stdout();
-            let mut lock = stdout.lock();
-            write_manifest(&mut lock, records)
-                .context("writing the manifest to stdout")
-                .map_err(ToolError::io)?;
-            lock.flush()
-                .context("writing the manifest to stdout")
-                .map_err(ToolError::io)
-        }
+        ManifestTarget::Stdout => write_manifest_stdout(records)
+            .context("writing the manifest to stdout")
+            .map_err(ToolError::io),
         ManifestTarget::File(p) => write_manifest_file(p, records)
             .with_context(|| format!("writing the manifest {}", p.display()))
             .map_err(ToolError::io),

@@ -300,6 +300,13 @@ pub fn write_manifest(writer: impl Write, records: &[ManifestRecord]) -> Result<
     write_all().map_err(ManifestError::Write)
 }
 
+/// Writes `records` (see [`write_manifest`]) to standard output, flushed (`--manifest -`).
+pub fn write_manifest_stdout(records: &[ManifestRecord]) -> Result<(), ManifestError> {
+    let mut out = std::io::stdout().lock();
+    write_manifest(&mut out, records)?;
+    out.flush().map_err(ManifestError::Write)
+}
+
 /// Writes `records` (see [`write_manifest`]) to the file at `path`, atomically.
 pub fn write_manifest_file(
     path: impl AsRef<Path>,
@@ -336,11 +343,7 @@ impl ManifestTarget {
     /// Files are written atomically.
     pub fn write(&self, default: &Path, records: &[ManifestRecord]) -> Result<(), ManifestError> {
         match self {
-            ManifestTarget::Stdout => {
-                let mut out = std::io::stdout().lock();
-                write_manifest(&mut out, records)?;
-                out.flush().map_err(ManifestError::Write)
-            }
+            ManifestTarget::Stdout => write_manifest_stdout(records),
             ManifestTarget::Default => write_manifest_file(default, records),
             ManifestTarget::File(p) => write_manifest_file(p, records),
         }
