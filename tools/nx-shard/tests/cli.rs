@@ -1,6 +1,5 @@
 //! End-to-end tests of the `nx-shard` binary on a tiny Llama checkpoint built here.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -11,88 +10,12 @@ use nxd_layout::{
     TensorPlan,
 };
 use suite_support::manifest::read_manifest_path;
-use tensor_formats::safetensors::{SafetensorsWriter, TensorSpec};
 use tensor_formats::xser::NxdFile;
 use tensor_formats::{DType, TensorRef};
-
-const H: usize = 64;
-const HEADS: usize = 8;
-const KV: usize = 2;
-const HD: usize = H / HEADS;
-const LAYERS: usize = 3;
-const I: usize = 128;
-const V: usize = 96;
-
-const CONFIG: &str = r#"{
-  "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-  "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
-  "num_hidden_layers": 3, "intermediate_size": 128, "vocab_size": 96,
-  "tie_word_embeddings": false, "rms_norm_eps": 1e-05, "torch_dtype": "bfloat16"
-}"#;
+use tiny_llama::{bits, hf_tensors, index_of, write_checkpoint, CONFIG, H, HD, HEADS, I, V};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nx-shard"))
-}
-
-/// The HF tensors of the tiny model, in canonical order: (name, shape).
-fn hf_tensors() -> Vec<(String, Vec<usize>)> {
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![V, H])];
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}.");
-        out.push((format!("{p}self_attn.q_proj.weight"), vec![HEADS * HD, H]));
-        out.push((format!("{p}self_attn.k_proj.weight"), vec![KV * HD, H]));
-        out.push((format!("{p}self_attn.v_proj.weight"), vec![KV * HD, H]));
-        out.push((format!("{p}self_attn.o_proj.weight"), vec![H, HEADS * HD]));
-        out.push((format!("{p}mlp.gate_proj.weight"), vec![I, H]));
-        out.push((format!("{p}mlp.up_proj.weight"), vec![I, H]));
-        out.push((format!("{p}mlp.down_proj.weight"), vec![H, I]));
-        out.push((format!("{p}input_layernorm.weight"), vec![H]));
-        out.push((format!("{p}post_attention_layernorm.weight"), vec![H]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![H]));
-    out.push(("lm_head.weight".to_string(), vec![V, H]));
-    out
-}
-
-/// The bf16 bit pattern of element `k` (row-major) of the `t`-th tensor: finite, positive, and
-/// distinct within every tensor (the largest has 6144 < 8192 elements).
-fn bits(t: usize, k: usize) -> u16 {
-    0x3000 + ((k + 131 * t) % 0x2000) as u16
-}
-
-fn index_of(name: &str) -> usize {
-    hf_tensors()
-        .iter()
-        .position(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no tensor {name}"))
-}
-
-/// Writes `config.json` and `model.safetensors` into `dir`.
-fn write_checkpoint(dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    fs::write(dir.join("config.json"), CONFIG).unwrap();
-    let tensors = hf_tensors();
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, s)| TensorSpec {
-            name: n.clone(),
-            dtype: DType::BF16,
-            shape: s.clone(),
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let file = BufWriter::new(fs::File::create(dir.join("model.safetensors")).unwrap());
-    let mut w = SafetensorsWriter::new(file, specs, Some(meta)).unwrap();
-    let order: Vec<String> = w.order().iter().map(|s| s.name.clone()).collect();
-    for name in order {
-        let t = index_of(&name);
-        let numel: usize = tensors[t].1.iter().product();
-        let bytes: Vec<u8> = (0..numel).flat_map(|k| bits(t, k).to_le_bytes()).collect();
-        w.write_tensor_bytes(&bytes).unwrap();
-        w.finish_tensor().unwrap();
-    }
-    w.finish().unwrap();
 }
 
 /// The plan the tool must have followed.
