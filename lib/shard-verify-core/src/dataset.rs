@@ -94,8 +94,11 @@ pub fn check(dir: &Path, expect: RowExpectations) -> DatasetOutcome {
         })
         .unwrap_or_default();
     let mut seen = BTreeSet::new();
+    let mut first_listing = Vec::with_capacity(listed.len());
     for name in &listed {
-        if !seen.insert(name) {
+        let first = seen.insert(name);
+        first_listing.push(first);
+        if !first {
             out.names.push(Problem::file(
                 Check::Names,
                 name,
@@ -134,10 +137,12 @@ pub fn check(dir: &Path, expect: RowExpectations) -> DatasetOutcome {
         ));
     }
 
+    // Each file once, even if state.json lists it twice (reported above).
     let results: Vec<FileRows> = listed
         .par_iter()
-        .map(|name| {
-            if on_disk.contains(name) {
+        .zip(&first_listing)
+        .map(|(name, &first)| {
+            if first && on_disk.contains(name) {
                 check_file(&dir.join(name), name, features.as_ref(), expect)
             } else {
                 FileRows::default()
@@ -343,10 +348,9 @@ impl<'a> RowChecker<'a> {
                 self.row_problem("ids", row, || "input_ids is null or not integers".into());
                 continue;
             };
-            let want = *self
-                .expect
-                .block_size
-                .get_or_insert(*self.block.get_or_insert(ids.len()));
+            // The first row's length is reported; without --block-size it is also the rule.
+            let first = *self.block.get_or_insert(ids.len());
+            let want = self.expect.block_size.unwrap_or(first);
             if ids.len() != want {
                 self.row_problem("length", row, || {
                     format!("{} tokens, expected blocks of {want}", ids.len())
