@@ -32,14 +32,8 @@ PATH=$PATH:/usr/sbin:/sbin
 export SLURM_CONF=$CONF
 log() { echo "slurm-down: $*" >&2; }
 
-is_daemon() {  # pid name
-    local pid=$1 name=$2 comm exe
-    [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
-    exe=$(basename "$(readlink "/proc/$pid/exe" 2>/dev/null || true)")
-    [ "$comm" = "$name" ] || [ "$comm" = "$name-wlm" ] || [ "$exe" = "$name" ] || [ "$exe" = "$name-wlm" ]
-}
-running() { local f="$RUNDIR/run/$1.pid"; [ -s "$f" ] && is_daemon "$(cat "$f")" "$1"; }
+# shellcheck source=slurm-daemons.sh
+. "$(dirname "$0")/slurm-daemons.sh"
 
 # 1. Cancel the jobs (only if slurmctld is ours and answers).
 if running slurmctld && command -v squeue >/dev/null; then
@@ -56,25 +50,8 @@ if running slurmctld && command -v squeue >/dev/null; then
 fi
 
 # 2. Stop slurmd and slurmctld together, then munged.
-stop() {
-    local n p pids=() deadline
-    for n in "$@"; do
-        if running "$n"; then pids+=("$(cat "$RUNDIR/run/$n.pid"):$n"); fi
-    done
-    for p in "${pids[@]}"; do kill -TERM "${p%%:*}" 2>/dev/null || true; done
-    deadline=$((SECONDS + 20))
-    for p in "${pids[@]}"; do
-        while is_daemon "${p%%:*}" "${p##*:}" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-        if is_daemon "${p%%:*}" "${p##*:}"; then
-            log "${p##*:} (pid ${p%%:*}) ignored SIGTERM for 20 s: SIGKILL"
-            kill -KILL "${p%%:*}" 2>/dev/null || true
-        fi
-    done
-    for n in "$@"; do rm -f "$RUNDIR/run/$n.pid"; done
-    [ ${#pids[@]} -eq 0 ] || log "stopped ${pids[*]##*:}"
-}
-stop slurmd slurmctld
-stop munged
+stop_daemons slurmd slurmctld
+stop_daemons munged
 
 # 3. Leftover job steps.
 left=$(ps -e -o pid=,comm= | awk '$2 ~ /^slurmstepd/ {print $1}' | tr '\n' ' ')

@@ -172,30 +172,8 @@ if [ "$CONF" != /etc/slurm/slurm.conf ]; then
 fi
 export SLURM_CONF=$CONF
 
-# --- helpers: is PID the daemon NAME (Debian installs them as NAME-wlm)? -----------------------------------------
-is_daemon() {  # pid name
-    local pid=$1 name=$2 comm exe
-    [[ $pid =~ ^[0-9]+$ ]] && [ -d "/proc/$pid" ] || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
-    exe=$(basename "$(readlink "/proc/$pid/exe" 2>/dev/null || true)")
-    [ "$comm" = "$name" ] || [ "$comm" = "$name-wlm" ] || [ "$exe" = "$name" ] || [ "$exe" = "$name-wlm" ]
-}
-running() {  # name -> true if the PID in $RUNDIR/run/name.pid is that daemon
-    local f="$RUNDIR/run/$1.pid"
-    [ -s "$f" ] && is_daemon "$(cat "$f")" "$1"
-}
-stop_daemon() {  # names... : SIGTERM together, wait up to 20 s, SIGKILL stragglers
-    local n pids=() deadline
-    for n in "$@"; do running "$n" && pids+=("$(cat "$RUNDIR/run/$n.pid"):$n"); done
-    [ ${#pids[@]} -gt 0 ] || return 0
-    for p in "${pids[@]}"; do kill -TERM "${p%%:*}" 2>/dev/null || true; done
-    deadline=$((SECONDS + 20))
-    for p in "${pids[@]}"; do
-        while is_daemon "${p%%:*}" "${p##*:}" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-        if is_daemon "${p%%:*}" "${p##*:}"; then kill -KILL "${p%%:*}" 2>/dev/null || true; fi
-    done
-    for n in "$@"; do rm -f "$RUNDIR/run/$n.pid"; done
-}
+# shellcheck source=slurm-daemons.sh
+. "$(dirname "$0")/slurm-daemons.sh"
 wait_pidfile() {  # name: up to 10 s for the daemon to write its PID file
     local i
     for i in $(seq 100); do running "$1" && return 0; sleep 0.1; done
@@ -234,7 +212,7 @@ fi
 
 # --- 4. slurmctld, slurmd -----------------------------------------------------------------------------------------
 if [ "$changed" = 1 ]; then
-    stop_daemon slurmd slurmctld
+    stop_daemons slurmd slurmctld
 fi
 started=()
 if ! running slurmctld; then
