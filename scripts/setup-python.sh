@@ -2,7 +2,7 @@
 # Creates the Python reference environments the compat tests and benchmarks run against, from PyPI, pinned.
 #   .venv/current : torch 2.15 (current) + transformers, safetensors, datasets, huggingface_hub, tokenizers, peft
 #   .venv/torch21 : torch 2.1.2 (the Neuron SDK's torch) + safetensors
-#   .venv/datasets36 : datasets 3.6 (NxD's pin), to load tok-pack's output
+#   .venv/datasets36 : datasets 3.6 + transformers 4.48 (NxD's pins), get_dataset.py as NxD runs it
 #   .venv/hub036 : huggingface_hub 0.36 + hf_transfer (the last line that used it), for the hf-fetch benchmark
 # Idempotent: a venv whose stamp matches the pins is left alone. Uses uv (from PyPI) for speed and its cache.
 set -euo pipefail
@@ -15,8 +15,9 @@ current_pins=(
   "huggingface_hub==2.4.0" "tokenizers==0.23.3" "peft==0.21.2" "numpy" "pyarrow" "pytest==9.2.0"
 )
 torch21_pins=( "torch==2.1.2" "numpy<2" "safetensors==0.8.0" "pytest==9.2.0" )
-# NxD pins datasets 3.6: tok-pack's output must load there too.
-datasets36_pins=( "datasets==3.6.0" "pyarrow==26.0.1" )
+# NxD's pins (datasets<=3.6.0, transformers 4.48): tok-pack's output must load there, and --compat nxd must
+# equal what get_dataset.py writes there byte for byte.
+datasets36_pins=( "datasets==3.6.0" "transformers==4.48.0" "pyarrow==26.0.1" )
 # hf-fetch's benchmark compares with the last huggingface_hub that used hf_transfer.
 hub036_pins=( "huggingface_hub==0.36.*" "hf_transfer==0.1.9" )
 

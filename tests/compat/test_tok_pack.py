@@ -1,12 +1,13 @@
 """tok-pack against the real Python pipeline: a faithful copy of NxD's examples/training/llama/get_dataset.py
 (datasets load_dataset("json") -> map(tokenize, batched) with the AutoTokenizer of $FIXTURES/tokenizer ->
-map(group_texts, batched) -> save_to_disk), run on a small corpus of real English text (scripts/make-corpus.py).
+map(group_texts, batched) -> save_to_disk), run on a small corpus of real English text (scripts/make-corpus.py), in
+NxD's pinned stack (datasets 3.6 + transformers 4.48) and in the current one (datasets 5.x).
 
-Checked: load_from_disk of ours equals the reference (features, schema, every value), the directory holds the same
-files, state.json is identical except for the fingerprint, dataset_info.json's features are the reference's (with
-"Sequence" for datasets 3.6), the Arrow streams hold the same schema and values; token ids equal the Python
-`tokenizers` ids on adversarial Unicode; default mode; determinism across --jobs; bad input gives one-line errors
-with exit 2 and no output."""
+Checked: --compat nxd writes the same files as the 3.6 pipeline byte for byte (the .arrow streams and
+dataset_info.json; state.json except its run-specific fingerprint), for JSON lines, text, CSV, Parquet and several
+shards; load_from_disk of ours equals the references of both stacks (features, schema, every value); token ids equal
+the Python `tokenizers` ids on adversarial Unicode; default mode; determinism across --jobs; bad input gives
+one-line errors with exit 2 and no output."""
 import json
 import os
 import subprocess
@@ -177,21 +178,43 @@ def corpus(tmp_path_factory):
     return out
 
 
+def reference_runs(python, tmp, jobs):
+    """Runs get_dataset.py for every job (name -> (corpus, block, max_shard_size, loader)) in one interpreter."""
+    spec = [[str(src), str(TOKENIZER), str(tmp / name), block, shard, loader]
+            for name, (src, block, shard, loader) in jobs.items()]
+    run([python, "-c", REFERENCE, json.dumps(spec)], env=ref_env(tmp))
+    return {name: tmp / name for name in jobs}
+
+
 @pytest.fixture(scope="session")
 def references(tmp_path_factory, corpus, formats):
-    """The Python pipeline's datasets, by name, all made in one interpreter."""
-    tmp = tmp_path_factory.mktemp("references")
-    jobs = {
+    """The Python pipeline's datasets in NxD's stack (datasets 3.6, transformers 4.48), by name."""
+    return reference_runs(PY_DATASETS3, tmp_path_factory.mktemp("references"), {
         "8192": (corpus, 8192, None, "json"),
         "128-1MB": (corpus, 128, "1MB", "json"),
         "txt": (formats / "c.txt", 64, None, "text"),
         "csv": (formats / "c.csv", 64, None, "csv"),
         "parquet": (formats / "c.parquet", 64, None, "parquet"),
-    }
-    spec = [[str(src), str(TOKENIZER), str(tmp / name), block, shard, loader]
-            for name, (src, block, shard, loader) in jobs.items()]
-    run([PY, "-c", REFERENCE, json.dumps(spec)], env=ref_env(tmp))
-    return {name: tmp / name for name in jobs}
+    })
+
+
+@pytest.fixture(scope="session")
+def references_current(tmp_path_factory, corpus):
+    """The same pipeline in the current stack (datasets 5.x), which writes "List" where 3.6 writes "Sequence"."""
+    return reference_runs(PY, tmp_path_factory.mktemp("references-current"), {"8192": (corpus, 8192, None, "json")})
+
+
+def assert_identical_files(ours, ref):
+    """The same files with the same bytes; state.json may differ only in its fingerprint (a hash of the Python
+    process's cache paths, which nobody can reproduce)."""
+    names = sorted(p.name for p in Path(ours).iterdir())
+    assert names == sorted(p.name for p in Path(ref).iterdir())
+    for name in names:
+        a, b = (Path(ours) / name).read_bytes(), (Path(ref) / name).read_bytes()
+        if name == "state.json":
+            fp_a, fp_b = json.loads(a)["_fingerprint"], json.loads(b)["_fingerprint"]
+            a, b = a.replace(fp_a.encode(), b"X"), b.replace(fp_b.encode(), b"X")
+        assert a == b, f"{name} differs from the reference's"
 
 
 def tok_pack(*args, check=True):
@@ -253,7 +276,7 @@ def assert_same_dataset(ours, ref):
     return a
 
 
-def test_compat_nxd_equals_reference(tmp_path, corpus, references):
+def test_compat_nxd_equals_reference(tmp_path, corpus, references, references_current):
     ref, block = references["8192"], 8192
     for encoder in ENCODERS:
         ours = tmp_path / f"ours-{encoder}"
@@ -261,6 +284,8 @@ def test_compat_nxd_equals_reference(tmp_path, corpus, references):
                  "--encoder", encoder)
         ds = assert_same_dataset(ours, ref)
         assert all(len(r) == block for r in ds[:5]["input_ids"])
+        assert_identical_files(ours, ref)
+        assert_same_dataset(ours, references_current["8192"])
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -273,6 +298,7 @@ def test_compat_nxd_shards_like_save_to_disk(tmp_path, corpus, references, encod
     assert len(list(ours.glob("data-*.arrow"))) > 1
     ds = assert_same_dataset(ours, ref)
     assert all(len(r) == 128 for r in ds[:5]["input_ids"])
+    assert_identical_files(ours, ref)
     manifest = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in manifest) == sorted(p.name for p in ours.iterdir())
 
@@ -293,6 +319,7 @@ def test_other_formats_equal_reference(tmp_path, formats, references, fmt, loade
     ours = tmp_path / "ours"
     tok_pack("--input", src, "--output", ours, "--block-size", 64, "--compat", "nxd", "-q")
     assert_same_dataset(ours, ref)
+    assert_identical_files(ours, ref)
 
 
 def test_loads_in_datasets3_equal_to_reference(tmp_path, corpus, references):
@@ -508,7 +535,13 @@ def test_compressed_inputs_and_directories(tmp_path, formats):
         tok_pack("--input", src, "--output", out, "--block-size", 64, "--compat", "nxd", "-q")
         outs[name] = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(outs) >= 3
+    # dataset_info.json names the input files and their sizes on disk; the raw table they hold is the same.
+    infos = {name: json.loads(o.pop("dataset_info.json")) for name, o in outs.items()}
     assert all(o == outs["plain"] for o in outs.values())
+    assert list(infos["dir"]["download_checksums"]) == [str(d / "a.jsonl"), str(d / "b.jsonl.gz")]
+    assert infos["gz"]["download_size"] == gz.stat().st_size
+    for info in infos.values():
+        assert (info["dataset_size"], info["splits"]) == (infos["plain"]["dataset_size"], infos["plain"]["splits"])
 
 
 def test_datasets_directory_and_arrow_inputs(tmp_path, formats):
@@ -525,4 +558,8 @@ def test_datasets_directory_and_arrow_inputs(tmp_path, formats):
         out = tmp_path / f"out-{name}"
         tok_pack("--input", *src, "--output", out, "--block-size", 64, "--compat", "nxd", "-q")
         outs[name] = {p.name: p.read_bytes() for p in out.iterdir()}
+    # dataset_info.json describes the raw table by its builder ("json" or "arrow"), files and sizes.
+    infos = {name: json.loads(o.pop("dataset_info.json")) for name, o in outs.items()}
     assert outs["dir"] == outs["plain"] == outs["arrow"]
+    assert infos["dir"] == infos["arrow"] and infos["arrow"]["builder_name"] == "arrow"
+    assert infos["plain"]["splits"]["train"]["num_examples"] == infos["arrow"]["splits"]["train"]["num_examples"]

@@ -5,23 +5,18 @@
 //! (`list<int64>`, equal to `input_ids`), the features in the schema metadata and in
 //! `dataset_info.json` with `"_type": "Sequence"` (so datasets 3.6 loads it), and `state.json`.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow_array::{ArrayRef, Int32Array, Int64Array, Int8Array, ListArray, RecordBatch};
-use arrow_buffer::OffsetBuffer;
-use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
-use arrow_ipc::MetadataVersion;
-use arrow_schema::{DataType, Field, Schema};
 use serde_json::{json, Value};
 use suite_support::atomic::AtomicFile;
 use suite_support::hash::HashingWriter;
 use suite_support::manifest::ManifestRecord;
+
+use crate::ipc_stream::{self, padding, BatchLayout, ListColumn};
 
 /// The default `max_shard_size` of `save_to_disk` (500 MB, decimal).
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 500_000_000;
@@ -46,18 +41,6 @@ pub fn features_json() -> Value {
     })
 }
 
-/// The Arrow schema of the files, with the `huggingface` metadata.
-pub fn schema() -> Arc<Schema> {
-    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
-    let fields = vec![
-        Field::new("input_ids", list(DataType::Int32), true),
-        Field::new("attention_mask", list(DataType::Int8), true),
-        Field::new("labels", list(DataType::Int64), true),
-    ];
-    let metadata = HashMap::from([("huggingface".to_string(), HF_SCHEMA_METADATA.to_string())]);
-    Arc::new(Schema::new_with_metadata(fields, metadata))
-}
-
 /// `save_to_disk`'s number of shards for `rows` rows of `block` tokens: the table's estimated
 /// bytes over `max_shard_size`, plus one, capped at `rows`, but at least 1 (datasets 3.6 writes one
 /// schema-only file for an empty dataset, which every version loads).
@@ -80,8 +63,24 @@ pub fn shard_name(k: u64, n: u64) -> String {
     format!("data-{k:05}-of-{n:05}.arrow")
 }
 
+/// The three columns, in `get_dataset.py`'s order.
+pub const COLUMNS: [ListColumn; 3] = [
+    ListColumn {
+        name: "input_ids",
+        item_bytes: 4,
+    },
+    ListColumn {
+        name: "attention_mask",
+        item_bytes: 1,
+    },
+    ListColumn {
+        name: "labels",
+        item_bytes: 8,
+    },
+];
+
 /// Writes the dataset into `dir` from `spool`, which holds `rows * block` token ids as
-/// little-endian i32, row after row. Returns the manifest records of the files written.
+/// little-endian i32, row after row, with `info` as `dataset_info.json`. Returns the manifest records of the files written.
 pub fn write_dataset(
     dir: &Path,
     spool: &File,
@@ -89,8 +88,9 @@ pub fn write_dataset(
     block: usize,
     max_shard_size: u64,
     fingerprint: &str,
+    info: &Value,
 ) -> Result<Vec<ManifestRecord>> {
-    let schema = schema();
+    let schema = ipc_stream::schema_message(&COLUMNS, &[("huggingface", HF_SCHEMA_METADATA)]);
     let n = num_shards(rows, block as u64, max_shard_size);
     let mut records = Vec::new();
     let mut names = Vec::new();
@@ -100,20 +100,21 @@ pub fn write_dataset(
         let path = dir.join(&name);
         let ctx = || format!("writing {}", path.display());
         let file = AtomicFile::create(&path).with_context(ctx)?;
-        let hashing = HashingWriter::new(file);
-        let options = IpcWriteOptions::try_new(8, false, MetadataVersion::V5)?;
-        let mut writer =
-            StreamWriter::try_new_with_options(hashing, &schema, options).with_context(ctx)?;
+        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        out.write_all(&schema).with_context(ctx)?;
         let mut row = start;
         while row < end {
             let count = (end - row).min(ROWS_PER_RECORD_BATCH as u64);
-            let batch = record_batch(&schema, spool, row, count as usize, block)?;
-            writer.write(&batch).with_context(ctx)?;
+            write_record_batch(&mut out, spool, row, count as usize, block).with_context(ctx)?;
             row += count;
         }
-        writer.finish().with_context(ctx)?;
-        let hashing = writer.into_inner().with_context(ctx)?;
-        let (file, sha, bytes) = hashing.finish();
+        out.write_all(&ipc_stream::END_OF_STREAM)
+            .with_context(ctx)?;
+        let (buffered, sha, bytes) = out.finish();
+        let file = buffered
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(ctx)?;
         file.commit().with_context(ctx)?;
         records.push(
             ManifestRecord::new(name.clone(), bytes, sha)
@@ -133,14 +134,7 @@ pub fn write_dataset(
         "_split": "train",
     });
     records.push(write_json(dir, "state.json", &state)?);
-    let info = json!({
-        "citation": "",
-        "description": "",
-        "features": features_json(),
-        "homepage": "",
-        "license": "",
-    });
-    records.push(write_json(dir, "dataset_info.json", &info)?);
+    records.push(write_json(dir, "dataset_info.json", info)?);
     Ok(records)
 }
 
@@ -157,49 +151,55 @@ fn write_json(dir: &Path, name: &str, value: &Value) -> Result<ManifestRecord> {
     Ok(ManifestRecord::new(name, bytes, sha).with_kind(MANIFEST_KIND))
 }
 
-/// Reads `count` rows from `first` and builds their record batch.
-fn record_batch(
-    schema: &Arc<Schema>,
+/// Writes the record batch of the `count` rows from `first`: its message, then the body
+/// (per column: offsets, items) as [`ipc_stream::BatchLayout`] lays it out.
+fn write_record_batch(
+    out: &mut impl Write,
     spool: &File,
     first: u64,
     count: usize,
     block: usize,
-) -> Result<RecordBatch> {
-    let tokens = count * block;
-    let mut raw = vec![0u8; tokens * 4];
-    spool
-        .read_exact_at(&mut raw, first * block as u64 * 4)
-        .context("reading back the token spool")?;
-    let ids: Vec<i32> = raw
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+) -> Result<()> {
+    let layout = BatchLayout::new(&COLUMNS, count, block);
+    out.write_all(&ipc_stream::record_batch_message(count, &layout))?;
+    let offsets: Vec<u8> = (0..=count)
+        .flat_map(|row| ((row * block) as i32).to_le_bytes())
         .collect();
-    drop(raw);
-    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-    let offsets = || OffsetBuffer::<i32>::from_lengths(std::iter::repeat_n(block, count));
-    let item = |t: DataType| Arc::new(Field::new("item", t, true));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(ListArray::new(
-            item(DataType::Int32),
-            offsets(),
-            Arc::new(Int32Array::from(ids)),
-            None,
-        )),
-        Arc::new(ListArray::new(
-            item(DataType::Int8),
-            offsets(),
-            Arc::new(Int8Array::from(vec![1i8; tokens])),
-            None,
-        )),
-        Arc::new(ListArray::new(
-            item(DataType::Int64),
-            offsets(),
-            Arc::new(Int64Array::from(labels)),
-            None,
-        )),
-    ];
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+    let tokens = count * block;
+    let mut ids = vec![0u8; tokens * 4];
+    spool
+        .read_exact_at(&mut ids, first * block as u64 * 4)
+        .context("reading back the token spool")?;
+    let pad = |out: &mut dyn Write, len: usize| out.write_all(&[0u8; 8][..padding(len)]);
+
+    out.write_all(&offsets)?;
+    pad(out, offsets.len())?;
+    out.write_all(&ids)?;
+    pad(out, ids.len())?;
+
+    out.write_all(&offsets)?;
+    pad(out, offsets.len())?;
+    out.write_all(&vec![1u8; tokens])?;
+    pad(out, tokens)?;
+
+    out.write_all(&offsets)?;
+    pad(out, offsets.len())?;
+    // Labels widen the ids to i64, a bounded chunk at a time.
+    let mut labels = Vec::with_capacity(LABEL_CHUNK_TOKENS * 8);
+    for chunk in ids.chunks(LABEL_CHUNK_TOKENS * 4) {
+        labels.clear();
+        labels.extend(
+            chunk.chunks_exact(4).flat_map(|c| {
+                i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+            }),
+        );
+        out.write_all(&labels)?;
+    }
+    Ok(())
 }
+
+/// Tokens widened to labels at a time.
+const LABEL_CHUNK_TOKENS: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

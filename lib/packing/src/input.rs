@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use serde_json::{Map, Value};
 
+use crate::provenance::RawTable;
+
 /// The input file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputFormat {
@@ -56,6 +58,7 @@ pub struct DocReader {
     current: Option<Current>,
     line_buf: Vec<u8>,
     bytes_read: u64,
+    raw: RawTable,
 }
 
 struct Current {
@@ -70,6 +73,7 @@ enum Source {
     Csv {
         reader: csv::Reader<BufReader<Box<dyn Read + Send>>>,
         column: usize,
+        headers: Vec<String>,
         record: csv::ByteRecord,
     },
     Parquet {
@@ -88,7 +92,13 @@ impl DocReader {
             current: None,
             line_buf: Vec::with_capacity(1 << 16),
             bytes_read: 0,
+            raw: RawTable::default(),
         }
+    }
+
+    /// The raw table read so far, as the `datasets` builder of the input format would count it.
+    pub fn raw_table(&self) -> &RawTable {
+        &self.raw
     }
 
     /// Bytes of input read so far.
@@ -119,6 +129,7 @@ impl DocReader {
                 let file =
                     File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                 let source = open_source(&path, format, file, &self.text_column)?;
+                self.raw.start_file(format);
                 self.current = Some(Current {
                     path,
                     format,
@@ -132,6 +143,7 @@ impl DocReader {
                 Source::Csv {
                     reader,
                     column,
+                    headers,
                     record,
                 } => {
                     let got = reader.read_byte_record(record).map_err(|e| {
@@ -144,6 +156,8 @@ impl DocReader {
                     cur.line += 1;
                     self.bytes_read += record.as_slice().len() as u64;
                     let line = record.position().map_or(cur.line + 1, |p| p.line());
+                    let fields: Vec<&[u8]> = record.iter().collect();
+                    self.raw.record_csv(headers, &fields);
                     let field = record.get(*column).ok_or_else(|| {
                         anyhow!(
                             "{}:{line}: the record has no column {}",
@@ -183,6 +197,7 @@ impl DocReader {
                         Some(batch) => {
                             let batch =
                                 batch.with_context(|| format!("reading {}", cur.path.display()))?;
+                            self.raw.record_batch(&batch);
                             pending.extend(strings(&batch, &cur.path, &self.text_column)?);
                         }
                     }
@@ -216,7 +231,8 @@ impl DocReader {
             })?;
             match cur.format {
                 InputFormat::Txt | InputFormat::Csv | InputFormat::Parquet | InputFormat::Arrow => {
-                    return Ok(Some(text.to_string()))
+                    self.raw.record_text(text);
+                    return Ok(Some(text.to_string()));
                 }
                 InputFormat::Jsonl => {
                     if text.trim().is_empty() {
@@ -230,6 +246,7 @@ impl DocReader {
                                 cur.line
                             )
                         })?;
+                    self.raw.record_json(&object);
                     return match object.remove(&self.text_column) {
                         Some(Value::String(s)) => Ok(Some(s)),
                         Some(other) => Err(anyhow!(
@@ -312,32 +329,25 @@ fn open_source(path: &Path, format: InputFormat, file: File, column: &str) -> Re
             Ok(Source::Csv {
                 reader,
                 column: index,
+                headers: names,
                 record: csv::ByteRecord::new(),
             })
         }
         InputFormat::Parquet => {
             use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-            use parquet::arrow::ProjectionMask;
             let builder = ParquetRecordBatchReaderBuilder::try_new(file)
                 .map_err(|e| anyhow!("{}: not a readable Parquet file: {e}", path.display()))?;
             let schema = builder.schema().clone();
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            let index = names.iter().position(|n| *n == column).ok_or_else(|| {
-                anyhow!(
+            if !names.contains(&column) {
+                return Err(anyhow!(
                     "{}: no {column:?} column (columns: {}); choose one with --text-column",
                     path.display(),
                     names.join(", ")
-                )
-            })?;
-            let leaf = builder
-                .parquet_schema()
-                .columns()
-                .iter()
-                .position(|c| c.path().parts().first().map(String::as_str) == Some(column))
-                .unwrap_or(index);
-            let mask = ProjectionMask::leaves(builder.parquet_schema(), [leaf]);
+                ));
+            }
+            // Every column, not only the text: dataset_info.json describes the whole raw table.
             let reader = builder
-                .with_projection(mask)
                 .with_batch_size(1024)
                 .build()
                 .map_err(|e| anyhow!("{}: reading Parquet: {e}", path.display()))?;

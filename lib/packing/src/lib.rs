@@ -11,6 +11,8 @@
 
 pub mod hfds;
 pub mod input;
+pub mod ipc_stream;
+pub mod provenance;
 pub mod tok;
 
 use std::fs::{File, OpenOptions};
@@ -20,6 +22,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
+use provenance::{RawTable, Source};
 use sha2::{Digest, Sha256};
 use suite_support::atomic::AtomicDir;
 use suite_support::exit::ToolError;
@@ -345,8 +348,8 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
 
     if partial {
         let mut sink = PartialSink::create(dir.path())?;
-        let total_docs = tokenize_batches(
-            files,
+        let (total_docs, raw) = tokenize_batches(
+            files.clone(),
             &opts.text_column,
             &loaded,
             &owns,
@@ -368,6 +371,7 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
             "inputs": inputs_meta,
             "batch_docs": sink.batch_docs,
             "max_shard_size": opts.max_shard_size,
+            "source": source_of(&files, raw)?,
         });
         let (docs, tokens) = sink.finish()?;
         write_file(
@@ -393,8 +397,8 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
 
     let spool = create_spool(dir.path())?;
     let mut packer = Packer::new(mode, block, BufWriter::with_capacity(8 << 20, &spool));
-    tokenize_batches(
-        files,
+    let (_, raw) = tokenize_batches(
+        files.clone(),
         &opts.text_column,
         &loaded,
         &owns,
@@ -406,7 +410,15 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
         return Err(no_documents());
     }
     let max_shard_size = opts.max_shard_size.unwrap_or(hfds::DEFAULT_MAX_SHARD_SIZE);
-    finish_output(opts, dir, &spool, packer, max_shard_size, started)
+    let source = source_of(&files, raw)?;
+    finish_output(opts, dir, &spool, packer, max_shard_size, &source, started)
+}
+
+/// The corpus description for `dataset_info.json`.
+fn source_of(files: &[(PathBuf, InputFormat)], raw: RawTable) -> Result<Source, ToolError> {
+    Source::new(files, raw)
+        .context("reading the input files' sizes")
+        .map_err(ToolError::io)
 }
 
 fn no_documents() -> ToolError {
@@ -468,6 +480,7 @@ fn finish_output(
     spool: &File,
     packer: Packer<BufWriter<&File>>,
     max_shard_size: u64,
+    source: &Source,
     started: Instant,
 ) -> Result<Summary, ToolError> {
     let (docs, tokens, separators, rows, block) = (
@@ -483,8 +496,20 @@ fn finish_output(
         .context("writing the token spool")
         .map_err(ToolError::io)?;
     drop(out);
-    let records = hfds::write_dataset(dir.path(), spool, rows, block, max_shard_size, &fingerprint)
-        .map_err(ToolError::classify)?;
+    let (info, without_source) = source.dataset_info(hfds::features_json());
+    if let (Some(why), false) = (without_source, opts.quiet) {
+        eprintln!("tok-pack: dataset_info.json describes only the features: {why}");
+    }
+    let records = hfds::write_dataset(
+        dir.path(),
+        spool,
+        rows,
+        block,
+        max_shard_size,
+        &fingerprint,
+        &info,
+    )
+    .map_err(ToolError::classify)?;
     let spool_path = dir.path().join(SPOOL);
     std::fs::remove_file(&spool_path)
         .with_context(|| format!("removing {}", spool_path.display()))
@@ -652,7 +677,15 @@ fn run_merge(opts: &PackOptions, started: Instant) -> Result<Summary, ToolError>
                 .collect::<Vec<_>>()
         )));
     }
-    for key in ["world", "mode", "block", "eos", "total_docs", "inputs"] {
+    for key in [
+        "world",
+        "mode",
+        "block",
+        "eos",
+        "total_docs",
+        "inputs",
+        "source",
+    ] {
         if let Some(p) = parts.iter().find(|p| p.meta[key] != parts[0].meta[key]) {
             return Err(ToolError::usage(anyhow!(
                 "{} and {} come from different runs ({key} differs)",
@@ -705,7 +738,10 @@ fn run_merge(opts: &PackOptions, started: Instant) -> Result<Summary, ToolError>
         .max_shard_size
         .or(meta["max_shard_size"].as_u64())
         .unwrap_or(hfds::DEFAULT_MAX_SHARD_SIZE);
-    finish_output(opts, dir, &spool, packer, max_shard_size, started)
+    let source: Source = serde_json::from_value(meta["source"].clone())
+        .with_context(|| format!("{}: no corpus description", parts[0].dir.display()))
+        .map_err(ToolError::usage)?;
+    finish_output(opts, dir, &spool, packer, max_shard_size, &source, started)
 }
 
 /// Takes each tokenized batch (one id list per document).
@@ -716,7 +752,7 @@ type ReadBatch = Result<(Vec<String>, u64)>;
 
 /// Reads (on a thread of its own) every batch of [`DOCS_PER_BATCH`] documents, tokenizes those
 /// `owns` accepts (by batch index) and gives their ids to `sink`, in order. Returns the number
-/// of documents read.
+/// of documents read and the raw table they came from.
 fn tokenize_batches(
     files: Vec<(PathBuf, InputFormat)>,
     text_column: &str,
@@ -724,7 +760,7 @@ fn tokenize_batches(
     owns: &dyn Fn(usize) -> bool,
     progress: &Progress,
     sink: &mut BatchSink<'_>,
-) -> Result<u64, ToolError> {
+) -> Result<(u64, RawTable), ToolError> {
     let (tx, rx) = mpsc::sync_channel::<ReadBatch>(2);
     let text_column = text_column.to_string();
     let reader = std::thread::spawn(move || {
@@ -738,7 +774,7 @@ fn tokenize_batches(
             };
             let bytes = reader.bytes_read() - before;
             if tx.send(batch.map(|b| (b, bytes))).is_err() || done {
-                return;
+                return reader.raw_table().clone();
             }
         }
     });
@@ -772,9 +808,10 @@ fn tokenize_batches(
         Ok(())
     })();
     drop(rx);
-    let _ = reader.join();
+    let raw = reader.join();
     result?;
-    Ok(docs)
+    let raw = raw.map_err(|_| ToolError::io(anyhow!("the input reader thread panicked")))?;
+    Ok((docs, raw))
 }
 
 /// Whether something is at `path` that the output would replace (a file, or a non-empty
