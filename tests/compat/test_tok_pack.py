@@ -322,6 +322,20 @@ def test_other_formats_equal_reference(tmp_path, formats, references, fmt, loade
     assert_identical_files(ours, ref)
 
 
+def test_text_line_breaks_like_datasets(tmp_path):
+    """datasets reads text in Python's text mode: "\r\n" and a lone "\r" end a line, U+2028, U+0085 and the other
+    str.splitlines() breaks do not."""
+    src = tmp_path / "breaks.txt"
+    lines = ["one\r\ntwo\rthree\n\nfour\r\r\nfive\rsix\u2028seven\x0bx\x85 y\x0c\x1cz\n"]
+    lines += [f"The quick brown fox {i} jumps over the lazy dog.\n" for i in range(300)]
+    src.write_bytes("".join(lines).encode())
+    ref = reference_runs(PY_DATASETS3, tmp_path, {"ref": (src, 16, None, "text")})["ref"]
+    ours = tmp_path / "ours"
+    tok_pack("--input", src, "--output", ours, "--block-size", 16, "--compat", "nxd", "-q")
+    assert_identical_files(ours, ref)
+    assert json.loads((ours / "dataset_info.json").read_text())["splits"]["train"]["num_examples"] == 308
+
+
 def test_loads_in_datasets3_equal_to_reference(tmp_path, corpus, references):
     """datasets 3.6 (NxD's pin) loads ours (single shard, several shards, empty) memory-mapped, with Sequence
     features and the reference's values."""

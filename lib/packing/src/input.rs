@@ -59,6 +59,8 @@ pub struct DocReader {
     line_buf: Vec<u8>,
     bytes_read: u64,
     raw: RawTable,
+    /// The further documents of a text line that held lone carriage returns.
+    split_line: std::collections::VecDeque<String>,
 }
 
 struct Current {
@@ -93,6 +95,7 @@ impl DocReader {
             line_buf: Vec::with_capacity(1 << 16),
             bytes_read: 0,
             raw: RawTable::default(),
+            split_line: Default::default(),
         }
     }
 
@@ -120,6 +123,9 @@ impl DocReader {
     }
 
     fn next_doc(&mut self) -> Result<Option<String>> {
+        if let Some(doc) = self.split_line.pop_front() {
+            return Ok(Some(doc));
+        }
         loop {
             if self.current.is_none() {
                 let Some((path, format)) = self.files.get(self.next_file).cloned() else {
@@ -231,8 +237,16 @@ impl DocReader {
             })?;
             match cur.format {
                 InputFormat::Txt | InputFormat::Csv | InputFormat::Parquet | InputFormat::Arrow => {
-                    self.raw.record_text(text);
-                    return Ok(Some(text.to_string()));
+                    // datasets reads text files in Python's text mode, where a lone "\r" ends a
+                    // line too (universal newlines).
+                    let mut docs = text.split('\r');
+                    let first = docs.next().unwrap_or_default().to_string();
+                    self.split_line.extend(docs.map(str::to_string));
+                    self.raw.record_text(&first);
+                    for doc in &self.split_line {
+                        self.raw.record_text(doc);
+                    }
+                    return Ok(Some(first));
                 }
                 InputFormat::Jsonl => {
                     if text.trim().is_empty() {
@@ -465,6 +479,18 @@ mod tests {
         assert_eq!(r.next_batch(2).unwrap(), vec!["one", "two"]);
         assert_eq!(r.next_batch(2).unwrap(), vec!["three"]);
         assert!(r.next_batch(2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn text_lines_break_at_lone_carriage_returns_like_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = file(dir.path(), "a.txt", b"one\r\ntwo\rthree\n\nfour\r\r\nfive\r");
+        let mut r = DocReader::new(vec![(a, InputFormat::Txt)], "text");
+        assert_eq!(
+            r.next_batch(10).unwrap(),
+            vec!["one", "two", "three", "", "four", "", "five"]
+        );
+        assert_eq!(r.raw_table().rows(), 7);
     }
 
     #[test]
