@@ -484,7 +484,11 @@ mod tests {
     #[test]
     fn text_lines_break_at_lone_carriage_returns_like_python() {
         let dir = tempfile::tempdir().unwrap();
-        let a = file(dir.path(), "a.txt", b"one\r\ntwo\rthree\n\nfour\r\r\nfive\r");
+        let a = file(
+            dir.path(),
+            "a.txt",
+            b"one\r\ntwo\rthree\n\nfour\r\r\nfive\r",
+        );
         let mut r = DocReader::new(vec![(a, InputFormat::Txt)], "text");
         assert_eq!(
             r.next_batch(10).unwrap(),
