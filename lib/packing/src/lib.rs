@@ -218,7 +218,8 @@ pub struct Summary {
 
 /// The input files: each file as given; a `datasets` `save_to_disk` directory's data files in
 /// row order; any other directory's files with a known extension (or all of them with an
-/// explicit `format`), in name order.
+/// explicit `format`), in name order; a glob pattern's (`*`, `?`, `[...]`, `{a,b}`, `**`)
+/// matching files with a known extension, in path order.
 pub fn expand_inputs(
     inputs: &[PathBuf],
     format: Option<InputFormat>,
@@ -235,6 +236,18 @@ pub fn expand_inputs(
         }
     };
     for input in inputs {
+        if !input.exists() && is_glob(input) {
+            let matches = glob_files(input)?;
+            if matches.is_empty() {
+                return Err(anyhow!("input {}: no files match", input.display()));
+            }
+            for p in matches {
+                if let Some(f) = pick(&p, false)? {
+                    files.push((p, f));
+                }
+            }
+            continue;
+        }
         let meta =
             std::fs::metadata(input).with_context(|| format!("input {}", input.display()))?;
         if meta.is_dir() && input.join("state.json").is_file() {
@@ -274,6 +287,44 @@ pub fn expand_inputs(
         }
     }
     Ok(files)
+}
+
+fn is_glob(path: &Path) -> bool {
+    path.to_string_lossy().contains(['*', '?', '[', '{'])
+}
+
+/// The files matching the glob `pattern` (`*` stays within a path component, `**` crosses
+/// them), sorted. The walk starts at the pattern's longest literal leading directory.
+fn glob_files(pattern: &Path) -> Result<Vec<PathBuf>> {
+    let matcher = globset::GlobBuilder::new(&pattern.to_string_lossy())
+        .literal_separator(true)
+        .build()
+        .with_context(|| format!("input {}: not a valid glob", pattern.display()))?
+        .compile_matcher();
+    let base: PathBuf = pattern
+        .components()
+        .take_while(|c| !is_glob(Path::new(c.as_os_str())))
+        .collect();
+    let root = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base.clone()
+    };
+    let mut matches = Vec::new();
+    for entry in walkdir::WalkDir::new(&root).follow_links(true) {
+        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+        // Paths relative to "." are matched without the "./" a bare pattern lacks.
+        let path = if base.as_os_str().is_empty() {
+            entry.path().strip_prefix(".").unwrap_or(entry.path())
+        } else {
+            entry.path()
+        };
+        if entry.file_type().is_file() && matcher.is_match(path) {
+            matches.push(path.to_path_buf());
+        }
+    }
+    matches.sort();
+    Ok(matches)
 }
 
 /// The directory rank `slice.rank` of `slice.world` writes its partial result to:
@@ -848,6 +899,38 @@ mod tests {
             .chunks(block)
             .map(<[i32]>::to_vec)
             .collect()
+    }
+
+    #[test]
+    fn globs_expand_to_known_files_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("a/deep")).unwrap();
+        for name in [
+            "b.jsonl",
+            "a/x.jsonl",
+            "a/deep/y.jsonl.gz",
+            "a/notes.md",
+            "c.txt",
+        ] {
+            std::fs::write(d.join(name), "{}").unwrap();
+        }
+        let names = |pattern: &str| -> Vec<String> {
+            expand_inputs(&[d.join(pattern)], None)
+                .unwrap()
+                .into_iter()
+                .map(|(p, _)| p.strip_prefix(d).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(names("*.jsonl"), ["b.jsonl"]);
+        assert_eq!(
+            names("**/*.jsonl*"),
+            ["a/deep/y.jsonl.gz", "a/x.jsonl", "b.jsonl"]
+        );
+        assert_eq!(names("a/*"), ["a/x.jsonl"]);
+        assert_eq!(names("{b.jsonl,c.txt}"), ["b.jsonl", "c.txt"]);
+        let err = expand_inputs(&[d.join("*.parquet")], None).unwrap_err();
+        assert!(err.to_string().contains("no files match"), "{err}");
     }
 
     #[test]

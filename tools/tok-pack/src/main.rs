@@ -74,8 +74,8 @@ struct Args {
     #[arg(long, value_name = "DIR|FILE", required_unless_present = "merge")]
     tokenizer: Option<PathBuf>,
 
-    /// Input files or directories (a datasets save_to_disk directory reads its .arrow files),
-    /// read in the order given.
+    /// Input files, directories (a datasets save_to_disk directory reads its .arrow files) or
+    /// quoted glob patterns ('wiki/**/*.parquet'), read in the order given.
     #[arg(long, num_args = 1.., value_name = "FILE", required_unless_present = "merge")]
     input: Vec<PathBuf>,
 
@@ -87,8 +87,8 @@ struct Args {
     #[arg(long, value_name = "N", required_unless_present = "merge")]
     block_size: Option<usize>,
 
-    /// Reproduce a reference pipeline: the same rows, columns, features, shard files, state.json
-    /// and dataset_info.json features (Arrow files equal value for value, not byte for byte).
+    /// Reproduce a reference pipeline byte for byte: the same .arrow files, dataset_info.json and
+    /// state.json (all but its fingerprint) as the pipeline writes for the same corpus.
     #[arg(long, value_enum, value_name = "nxd")]
     compat: Option<Compat>,
 
