@@ -11,8 +11,10 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Capacity of the write buffer of an [`AtomicFile`].
-pub const BUFFER_BYTES: usize = 8 << 20;
+/// Capacity of the write buffer of an [`AtomicFile`]: it gathers small writes (headers, pickles)
+/// into fewer syscalls, while writes of this size or more (tensor data) go to the file directly
+/// instead of being copied through it (an 8 MiB buffer copied every tensor byte once more).
+pub const BUFFER_BYTES: usize = 256 << 10;
 
 const PARTIAL_MARKER: &str = ".partial-";
 
