@@ -531,6 +531,28 @@ def test_interrupt_exits_130_and_a_rerun_resumes(hub, repos, tmp_path):
     assert hub.stats()["served"]["big.bin"] < BIG
 
 
+@pytest.mark.parametrize("layout", ["--local-dir", "--cache-dir"])
+def test_second_run_into_the_same_place_is_refused_while_the_first_runs(hub, repos, tmp_path, layout):
+    out = tmp_path / "o"
+    hub.faults(bandwidth=3 << 20)
+    first = subprocess.Popen([str(HF_FETCH), "org/big", layout, str(out), "--jobs", "4", "--quiet"],
+                             env=env_for(hub, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and not any(out.rglob("*.hf-fetch.partial")):
+        time.sleep(0.05)
+    second = fetch(hub, tmp_path, "org/big", layout, out, "--quiet", check=False)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and f"another hf-fetch (pid {first.pid})" in second.stderr, second.stderr
+    hub.reset()
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    # Once the first run is over (the lock goes with the process), a rerun finds everything done.
+    again = fetch(hub, tmp_path, "org/big", layout, out, "--quiet")
+    assert again.returncode == 0
+    big = next(p for p in out.rglob("big.bin"))
+    assert big.read_bytes() == (repos["org/big"] / "big.bin").read_bytes()
+
+
 @pytest.mark.parametrize("variant", ["mirror_cdn", "resolve_cache", "xet", "gzip"])
 def test_hub_variants_work_for_both_clients(hub, repos, tmp_path, variant):
     hub.faults(**{variant: True})

@@ -136,6 +136,14 @@ pub enum FetchError {
     /// Interrupted by a signal; partial files are kept for the next run.
     #[error("interrupted; finished ranges are kept and a rerun resumes")]
     Interrupted,
+    /// Another hf-fetch is downloading into the same place.
+    #[error("{}: another hf-fetch{holder} is downloading into it", dir.display())]
+    Busy {
+        /// The local dir or cache repo directory.
+        dir: PathBuf,
+        /// " (pid N)" when the lock file names it.
+        holder: String,
+    },
 }
 
 impl FetchError {
@@ -158,7 +166,8 @@ impl FetchError {
             | FetchError::RevisionNotFound { .. }
             | FetchError::EntryNotFound { .. }
             | FetchError::Disabled { .. }
-            | FetchError::Offline(_) => USAGE_ERROR,
+            | FetchError::Offline(_)
+            | FetchError::Busy { .. } => USAGE_ERROR,
             FetchError::Io { source, .. } => classify_io_error(source).0,
             FetchError::Manifest(_) => IO_ERROR,
             FetchError::Interrupted => INTERRUPTED,
@@ -201,6 +210,9 @@ impl FetchError {
                 "the repo holds a file name that cannot be written safely; exclude it with --exclude".into()
             }
             FetchError::Offline(_) => "unset HF_HUB_OFFLINE to download".into(),
+            FetchError::Busy { .. } => {
+                "wait for the other run to finish (or stop it; a rerun resumes its partial files), or download elsewhere".into()
+            }
             FetchError::Io { source, .. } => return classify_io_error(source).1.map(str::to_string),
             _ => return None,
         })

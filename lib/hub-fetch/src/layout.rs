@@ -181,6 +181,43 @@ impl Layout {
         }
     }
 
+    /// The lock file a run holds while it writes into the layout.
+    pub fn lock_path(&self) -> PathBuf {
+        match self {
+            Layout::LocalDir { root } => root.join(".cache/huggingface/hf-fetch.lock"),
+            Layout::Cache { repo_dir } => repo_dir.join(".hf-fetch.lock"),
+        }
+    }
+
+    /// Takes the layout's run lock (an exclusive `flock`, released when the file is closed, also
+    /// when the process dies), so that two runs never write the same partial files. `Ok(Err(pid))`:
+    /// another process holds it (its pid, if it wrote one).
+    pub fn lock(&self) -> io::Result<Result<fs::File, Option<u32>>> {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        let path = self.lock_path();
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        // SAFETY: a plain syscall on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Err(e);
+            }
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Ok(Err(text.trim().parse().ok()));
+        }
+        file.set_len(0)?;
+        file.seek(io::SeekFrom::Start(0))?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(Ok(file))
+    }
+
     /// Creates the layout's directories and marker files; in the cache also `refs/<revision>`
     /// when the revision is a name.
     pub fn prepare(&self, commit: &str, revision: &str) -> io::Result<()> {

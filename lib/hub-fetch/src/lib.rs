@@ -190,11 +190,21 @@ async fn online(opts: &FetchOptions, layout: Layout) -> Result<FetchReport, Fetc
     let filter = PathFilter::new(&opts.include, &opts.exclude)?;
     let files = select_files(&entries, &opts.files, &filter, &opts.repo, &opts.revision)?;
     let output_dir = layout.output_dir(&commit);
-    if !opts.dry_run {
+    // Held until the run ends.
+    let _lock = if opts.dry_run {
+        None
+    } else {
         layout
             .prepare(&commit, &opts.revision)
             .map_err(|e| FetchError::io(&output_dir, e))?;
-    }
+        let lock = layout
+            .lock()
+            .map_err(|e| FetchError::io(layout.lock_path(), e))?;
+        Some(lock.map_err(|pid| FetchError::Busy {
+            dir: output_dir.clone(),
+            holder: pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        })?)
+    };
 
     // What is already there.
     let mut records = Vec::new();
