@@ -21,8 +21,9 @@ tmp="$(mktemp)"
   echo "## nx-shard: seed layout next to cp -r and the Python seed path"
   echo
   echo "Command: \`BENCH_GB=<size> bash scripts/bench-nx-shard.sh\`. Wall time includes a final \`sync\`; the page cache"
-  echo "is warm for every contender. Peak RssAnon counts heap memory only (mapped checkpoint pages are not"
-  echo "counted). The Python path is \`from_pretrained\` + \`torch.save\` (the seed's save step, in bf16), then a"
+  echo "is warm for every contender. cp -r and nx-shard are bound by the disk's writeback, which varies between runs, so"
+  echo "they run three times, interleaved, and the median run is shown (every run's time in the last column). Peak"
+  echo "RssAnon counts heap memory only (mapped checkpoint pages are not counted). The Python path is \`from_pretrained\` + \`torch.save\` (the seed's save step, in bf16), then a"
   echo "faithful Python model of NxD's converter (tests/reference/nxd_reference.py), since NxD itself cannot be"
   echo "installed here; both paths produce the same tensors (checked by the script)."
   echo
