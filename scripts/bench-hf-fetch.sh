@@ -6,6 +6,7 @@
 # MB/s per connection, the realistic CDN case). Prints a Markdown section on stdout.
 # Scale down for a quick run: BENCH_ONE_MB=256 BENCH_N=8 BENCH_MB=50 BENCH_CAP_ONE_MB=256; BENCH_REPEAT=3 for medians;
 # BENCH_KEEP=1 keeps the generated data (about 5 GB) for the next run.
+# The clients take turns (round-robin over BENCH_REPEAT rounds) and the median is reported.
 # Python clients are timed inside the call (interpreter start-up excluded), hf-fetch as a whole process; every
 # time includes a final `sync` (hf-fetch fsyncs each file before giving it its final name, the Python clients
 # do not), so all contenders pay for getting the bytes to disk alike. MB = 10^6 bytes.
@@ -37,6 +38,8 @@ for i in $(seq -f "%05g" 1 "$n"); do
 done
 # Stale files from a bigger earlier run would change the case.
 find "$work/data/many" -name 'model-*' ! -name "*-of-$(printf %05d "$n").safetensors" -delete
+# The generated data's writeback must not overlap the first client's runs.
+sync
 
 port_file="$work/port"
 rm -f "$port_file"
@@ -90,12 +93,18 @@ for case in one many capped; do
     control faults '{"bandwidth": 0}'
   fi
   bytes=$(find "$work/data/$case" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f", s}')
-  for who in hf-fetch hub24 hub036 hub036-hf_transfer; do
-    times=()
-    for _ in $(seq "$repeat"); do times+=("$(run_one "$who" "bench/$case")"); done
-    echo "bench-hf-fetch: $case $who ${times[*]}" >&2
-    rows+=("$case|$who|$bytes|${times[*]}")
+  # Round-robin over the clients, so that a slow spell of the disk's writeback falls on all of them alike.
+  declare -A times=()
+  for _ in $(seq "$repeat"); do
+    for who in hf-fetch hub24 hub036 hub036-hf_transfer; do
+      times[$who]+="$(run_one "$who" "bench/$case") "
+    done
   done
+  for who in hf-fetch hub24 hub036 hub036-hf_transfer; do
+    echo "bench-hf-fetch: $case $who ${times[$who]}" >&2
+    rows+=("$case|$who|$bytes|${times[$who]% }")
+  done
+  unset times
 done
 
 "$py" - "$cap_mbs" "$repeat" "${rows[@]}" <<'PY'

@@ -59,7 +59,8 @@ tmp="$(mktemp)"
   echo
   echo "Command: \`BENCH_REPEAT=3 bash scripts/bench-hf-fetch.sh\`. The stand-in Hub (scripts/stand_in_hub.py) on loopback;"
   echo "huggingface_hub 2.4 (.venv/current) and 0.36 with and without hf_transfer (.venv/hub036). Times include a final"
-  echo "\`sync\`; Python clients are timed inside the call. hf-fetch also verifies every byte (sha256 / git sha1)."
+  echo "\`sync\`; Python clients are timed inside the call; the clients take turns, round after round. hf-fetch also verifies"
+  echo "every byte (sha256 / git sha1) and fsyncs each file before its rename; the Python clients do neither."
   echo
   BENCH_REPEAT=3 bash "$root/scripts/bench-hf-fetch.sh"
 } > "$tmp"
