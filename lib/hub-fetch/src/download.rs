@@ -299,7 +299,7 @@ fn chunk_done(ctx: &Arc<Ctx>, job: &Arc<Job>, index: Option<usize>) {
 /// file's returns and is started again when a range completes. The call that reaches the end
 /// verifies and publishes the file.
 fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = Vec::new();
     let follow = job.file.size >= STREAM_HASH_MIN;
     loop {
         let (from, to, mut sha, mut git) = {
@@ -341,14 +341,18 @@ fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
         let mut pos = from;
         let mut failure = None;
         while pos < to {
-            let n = ((to - pos) as usize).min(buf.len());
-            if let Err(e) = job.data.read_exact_at(&mut buf[..n], pos) {
-                failure = Some(e);
-                break;
-            }
-            sha.update(&buf[..n]);
-            if let Some(g) = git.as_mut() {
-                g.update(&buf[..n]);
+            let n = ((to - pos) as usize).min(HASH_WINDOW);
+            match hash_window(&job.data, pos, n, &mut buf) {
+                Ok(bytes) => {
+                    sha.update(&*bytes);
+                    if let Some(g) = git.as_mut() {
+                        g.update(&*bytes);
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
             pos += n as u64;
         }
@@ -361,6 +365,55 @@ fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
         st.sha256 = Some(sha);
         st.git = git;
         st.hashed += to - from;
+    }
+}
+
+/// Bytes hashed from one mapping of the partial file.
+const HASH_WINDOW: usize = 64 << 20;
+
+/// The `len` bytes at `pos` of the partial file (already written and allocated): a read-only
+/// mapping of them, so hashing reads the page cache in place instead of copying it out; the
+/// bytes are read into `buf` if the file cannot be mapped.
+fn hash_window<'b>(
+    file: &File,
+    pos: u64,
+    len: usize,
+    buf: &'b mut Vec<u8>,
+) -> std::io::Result<HashBytes<'b>> {
+    let page = 4096;
+    let start = pos / page * page;
+    let skip = (pos - start) as usize;
+    // SAFETY: the partial file is ours (never truncated while a download runs), and the mapped
+    // range lies inside the part already written.
+    match unsafe {
+        memmap2::MmapOptions::new()
+            .offset(start)
+            .len(skip + len)
+            .map(file)
+    } {
+        Ok(map) => Ok(HashBytes::Mapped(map, skip)),
+        Err(_) => {
+            buf.resize(len, 0);
+            file.read_exact_at(&mut buf[..len], pos)?;
+            Ok(HashBytes::Read(&buf[..len]))
+        }
+    }
+}
+
+/// Bytes to hash: a mapping (from an offset) or a read buffer.
+enum HashBytes<'b> {
+    Mapped(memmap2::Mmap, usize),
+    Read(&'b [u8]),
+}
+
+impl std::ops::Deref for HashBytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            HashBytes::Mapped(map, skip) => &map[*skip..],
+            HashBytes::Read(bytes) => bytes,
+        }
     }
 }
 
