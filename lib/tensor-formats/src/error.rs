@@ -44,15 +44,32 @@ impl FormatError {
             FormatError::Corrupt(m) => FormatError::Corrupt(format!("{ctx}: {m}")),
             FormatError::Unsupported(m) => FormatError::Unsupported(format!("{ctx}: {m}")),
             FormatError::Invalid(m) => FormatError::Invalid(format!("{ctx}: {m}")),
-            FormatError::Stream(e) => {
-                FormatError::Stream(std::io::Error::new(e.kind(), format!("{ctx}: {e}")))
-            }
+            FormatError::Stream(e) => FormatError::Stream(std::io::Error::new(
+                e.kind(),
+                IoContext {
+                    context: ctx.to_string(),
+                    source: e,
+                },
+            )),
             FormatError::Io { path, source } => FormatError::Stream(std::io::Error::new(
                 source.kind(),
-                format!("{ctx}: {}: {source}", path.display()),
+                IoContext {
+                    context: format!("{ctx}: {}", path.display()),
+                    source,
+                },
             )),
         }
     }
+}
+
+/// An I/O error under a context prefix. The error stays the source, so callers still find its
+/// OS error code (a full disk is told apart from corrupt data) and its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}")]
+struct IoContext {
+    context: String,
+    #[source]
+    source: std::io::Error,
 }
 
 /// Result alias for this crate.
