@@ -362,17 +362,21 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
     if files.is_empty() {
         return Err(ToolError::usage(anyhow!("no input files found")));
     }
-    let inputs_meta: Vec<serde_json::Value> = files
+    let sizes = files
         .iter()
         .map(|(p, _)| {
-            let bytes = std::fs::metadata(p).map_or(0, |m| m.len());
-            serde_json::json!({"path": p.display().to_string(), "bytes": bytes})
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .with_context(|| format!("input {}", p.display()))
         })
-        .collect();
-    let total_bytes: u64 = files
+        .collect::<Result<Vec<u64>>>()
+        .map_err(ToolError::usage)?;
+    let inputs_meta: Vec<serde_json::Value> = files
         .iter()
-        .map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
-        .sum();
+        .zip(&sizes)
+        .map(|((p, _), bytes)| serde_json::json!({"path": p.display().to_string(), "bytes": bytes}))
+        .collect();
+    let total_bytes: u64 = sizes.iter().sum();
     if let (Some(jobs), tok::EncoderKind::Fast) = (opts.jobs.filter(|&j| j > 0), opts.encoder) {
         tokenizers_rc::parallelism::set_num_threads(jobs);
     }
@@ -422,7 +426,7 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
             "inputs": inputs_meta,
             "batch_docs": sink.batch_docs,
             "max_shard_size": opts.max_shard_size,
-            "source": source_of(&files, raw)?,
+            "source": source_of(&files, &sizes, raw)?,
         });
         let (docs, tokens) = sink.finish()?;
         write_file(
@@ -461,14 +465,18 @@ pub fn run(opts: &PackOptions) -> Result<Summary, ToolError> {
         return Err(no_documents());
     }
     let max_shard_size = opts.max_shard_size.unwrap_or(hfds::DEFAULT_MAX_SHARD_SIZE);
-    let source = source_of(&files, raw)?;
+    let source = source_of(&files, &sizes, raw)?;
     finish_output(opts, dir, &spool, packer, max_shard_size, &source, started)
 }
 
 /// The corpus description for `dataset_info.json`.
-fn source_of(files: &[(PathBuf, InputFormat)], raw: RawTable) -> Result<Source, ToolError> {
-    Source::new(files, raw)
-        .context("reading the input files' sizes")
+fn source_of(
+    files: &[(PathBuf, InputFormat)],
+    sizes: &[u64],
+    raw: RawTable,
+) -> Result<Source, ToolError> {
+    Source::new(files, sizes, raw)
+        .context("resolving the input files' absolute paths")
         .map_err(ToolError::io)
 }
 

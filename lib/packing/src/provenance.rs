@@ -258,11 +258,16 @@ pub struct Source {
 }
 
 impl Source {
-    /// The source of `files` (sizes read from disk) with the raw table read from them.
-    pub fn new(files: &[(PathBuf, InputFormat)], raw: RawTable) -> std::io::Result<Source> {
+    /// The source of `files`, of `sizes` bytes on disk, with the raw table read from them.
+    pub fn new(
+        files: &[(PathBuf, InputFormat)],
+        sizes: &[u64],
+        raw: RawTable,
+    ) -> std::io::Result<Source> {
         let files = files
             .iter()
-            .map(|(p, _)| Ok((std::path::absolute(p)?, std::fs::metadata(p)?.len())))
+            .zip(sizes)
+            .map(|((p, _), &size)| Ok((std::path::absolute(p)?, size)))
             .collect::<std::io::Result<_>>()?;
         Ok(Source { files, raw })
     }
