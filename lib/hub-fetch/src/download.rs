@@ -348,13 +348,13 @@ fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
                     if let Some(g) = git.as_mut() {
                         g.update(&*bytes);
                     }
+                    pos += bytes.len() as u64;
                 }
                 Err(e) => {
                     failure = Some(e);
                     break;
                 }
             }
-            pos += n as u64;
         }
         if let Some(e) = failure {
             ctx.abort();
@@ -370,10 +370,13 @@ fn hash_in_order(ctx: &Arc<Ctx>, job: &Arc<Job>) {
 
 /// Bytes hashed from one mapping of the partial file.
 const HASH_WINDOW: usize = 64 << 20;
+/// Bytes read at a time when the partial file cannot be mapped.
+const HASH_READ_BYTES: usize = 1 << 20;
 
 /// The `len` bytes at `pos` of the partial file (already written and allocated): a read-only
-/// mapping of them, so hashing reads the page cache in place instead of copying it out; the
-/// bytes are read into `buf` if the file cannot be mapped.
+/// mapping of them, so hashing reads the page cache in place instead of copying it out. If the
+/// file cannot be mapped, the first [`HASH_READ_BYTES`] of them at most, read into `buf` (the
+/// caller advances by the length returned).
 fn hash_window<'b>(
     file: &File,
     pos: u64,
@@ -393,6 +396,7 @@ fn hash_window<'b>(
     } {
         Ok(map) => Ok(HashBytes::Mapped(map, skip)),
         Err(_) => {
+            let len = len.min(HASH_READ_BYTES);
             buf.resize(len, 0);
             file.read_exact_at(&mut buf[..len], pos)?;
             Ok(HashBytes::Read(&buf[..len]))
